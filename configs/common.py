@@ -1,0 +1,88 @@
+"""Defaults shared by every config. Each config file imports this and changes what differs.
+
+Run any config with:
+  python -m groupdiff_jax.main --config=configs/NAME.py --workdir=DIR [--config.a.b=value ...]
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 400_000
+  c.log_every_steps = 100
+  c.ckpt_every_steps = 5_000
+  c.keep_ckpts = 3
+  c.init_from = ''  # an Orbax checkpoint dir: load its weights only (fine-tuning), fresh optimizer
+
+  # Model: a name from groupdiff_jax.models.sit.SIZES x patch ('SiT-XL/2', 'DiT-B/4', ...).
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'SiT-XL/2'
+  c.model.input_size = 32        # latent (or pixel) side length
+  c.model.in_channels = 4
+  c.model.num_classes = 1000     # the null (CFG) class is index num_classes
+  c.model.learn_sigma = False
+  c.model.max_group_size = 4     # rows of the sample-embedding table; 0 disables it
+  c.model.fixed_sample_ids = False
+  c.model.attention = 'auto'     # xla | cudnn | splash | auto
+  c.model.dtype = 'bfloat16'     # compute dtype; parameters stay in param_dtype
+  c.model.param_dtype = 'float32'
+  c.model.remat = False          # rematerialise each block in the backward pass
+  c.model.time_convention = 'noise_at_1'  # 'noise_at_0' for converted original SiT checkpoints
+
+  # GroupDiff batch. A global batch is `num_cond` conditional images in groups of cond_group_size
+  # followed by unconditional (null-label) images in groups of uncond_group_size.
+  #   GroupDiff-l: cond_group_size=1, uncond_group_size=N   (the released variant)
+  #   GroupDiff-f: cond_group_size=uncond_group_size=N
+  #   plain SiT:   both 1 (uncond_fraction then plays the role of the 10% label dropout)
+  c.group = ml_collections.ConfigDict()
+  c.group.cond_size = 1
+  c.group.uncond_size = 4
+  c.group.uncond_fraction = 0.1  # share of the global batch that is unconditional
+  c.group.t_spread = 0.0         # delta: members' t drawn within +-delta of a shared base t
+  c.group.neighbors = 'greedy'   # greedy: nearest unused of top-K (official code) | threshold
+  c.group.threshold = 0.7        # cosine threshold of the 'threshold' mode (paper)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 3.0
+  c.optim.ema_decay = 0.9999
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'synthetic'    # synthetic | digits | latents
+  c.data.global_batch = 256
+  c.data.path = ''               # latents/neighbour files for data.source='latents'
+  c.data.neighbors = ''          # neighbour file dir (retrieval.neighbor_file format)
+  c.data.image_size = 32         # digits: resize side
+  c.data.num_threads = 1
+
+  # Mesh: named axes with sizes; -1 fills the remaining devices. Rules map logical axis names
+  # (on parameters and activations) to mesh axes.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.axes = ('data', 'fsdp', 'context')
+  c.mesh.shape = (1, -1, 1)
+  c.mesh.rules = (
+      ('batch', ('data', 'fsdp')),  # activations: images / groups
+      ('tokens', 'context'),        # activations: the token axis (large groups)
+      ('embed', 'fsdp'),            # parameters: the hidden dimension -> FSDP
+      ('mlp', None),
+      ('heads', None),
+      ('layers', None),
+      ('vocab', None),
+  )
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = 'sde'       # sde | euler | heun
+  c.sample.num_steps = 250
+  c.sample.cfg_scale = 1.0
+  c.sample.guidance_low = 0.0
+  c.sample.guidance_high = 1.0
+  c.sample.cond_group_size = 1
+  c.sample.uncond_group_size = 4
+  c.sample.guided_channels = 0   # 0 = all channels; 3 reproduces the DiT/SiT legacy quirk
+  c.sample.num_images = 16       # the end-of-training PNG grid
+  return c

@@ -1,0 +1,42 @@
+"""groupdiff_jax: Group Diffusion (GroupDiff) trainer for JAX/Flax on TPU/GPU meshes."""
+import setuptools
+
+# Version ranges below are the ones tested here: Python 3.11 with jax 0.10.x and Python 3.12 with
+# jax 0.11-0.12 (see ../shared/reference/toolchain_notes.md for the resolved sets).
+INSTALL_REQUIRES = [
+    "jax>=0.10.0,<0.13",
+    "flax>=0.12.8,<0.14",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "ml_collections>=1.1.0,<2",
+    "tensorflow-datasets>=4.9.10,<5",
+    "importlib_resources>=6",  # tfds 4.9.10 imports it without declaring it
+    "scann>=1.4.2,<2; platform_system=='Linux'",
+    "absl-py>=2.1",
+    "numpy>=2.0,<3",
+    "scikit-learn>=1.5",  # ships the embedded demo dataset (8x8 digits)
+    "pillow>=10",
+    "tensorboardX>=2.6",
+    "safetensors>=0.4",
+]
+
+setuptools.setup(
+    name="groupdiff_jax",
+    version="0.1.0",
+    description="Group Diffusion (GroupDiff, CVPR 2026) SiT/DiT trainer in JAX/Flax",
+    packages=setuptools.find_packages(include=["groupdiff_jax", "groupdiff_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "tpu": ["jax[tpu]>=0.10.0,<0.13"],
+        "cuda": ["jax[cuda12]>=0.10.0,<0.13"],
+        # torch is pinned: an unpinned torch pulls a multi-GB CUDA build (toolchain_notes.md).
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "diffusers>=0.30",
+            "transformers>=4.45",
+        ],
+    },
+)
