@@ -1,0 +1,144 @@
+"""Orbax checkpoints: train state, EMA, data-iterator state and metadata as separate items.
+
+Layout of a run's checkpoints, `<workdir>/ckpt/<step>/`:
+  state/  params, optimizer state, step (sharded arrays)
+  ema/    EMA parameters (what the sampling job restores)
+  data/   the data iterator's state (JSON) for an exact resume
+  meta/   JSON: model config, mesh, step, time convention
+A weights-only checkpoint (the converter's output) has `params/`, optionally `ema/`, and `meta/`.
+Restoring takes abstract targets that carry the *current* mesh's shardings, so a run resumes onto
+any mesh shape. A step directory that fails to restore (an interrupted write) is skipped.
+"""
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ('state', 'ema', 'data', 'meta', 'params')
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+class Checkpointer:
+  """A CheckpointManager for one run directory, with SIGTERM-triggered saving."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, read_only=read_only,
+        create=not read_only, cleanup_tmp_directories=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._terminate = threading.Event()
+
+  # --- preemption ---------------------------------------------------------------------------
+  def install_sigterm_handler(self) -> None:
+    """On SIGTERM (preemption) remember it; the loop saves at the next step and exits."""
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, lambda *_: self._terminate.set())
+
+  def preempted(self, step: int) -> bool:
+    return self._terminate.is_set() or self.manager.reached_preemption(step)
+
+  # --- save ---------------------------------------------------------------------------------
+  def save(self, step: int, *, state: Any, ema: Any, data: dict, meta: dict,
+           force: bool = False) -> None:
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state), ema=ocp.args.StandardSave(ema),
+        data=ocp.args.JsonSave(data), meta=ocp.args.JsonSave(meta))
+    self.manager.save(step, args=args, force=force)
+
+  def save_weights(self, step: int, *, params: Any, ema: Any | None, meta: dict) -> None:
+    items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    if ema is not None:
+      items['ema'] = ocp.args.StandardSave(ema)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  # --- restore ------------------------------------------------------------------------------
+  def steps(self) -> list[int]:
+    return sorted(self.manager.all_steps(read=True))
+
+  def item_names(self, step: int) -> set[str]:
+    path = os.path.join(self.directory, str(step))
+    return {n for n in ITEMS if os.path.isdir(os.path.join(path, n))}
+
+  def read_meta(self, step: int) -> dict:
+    out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out['meta'])
+
+  def restore_latest(self, *, state: Any, state_shardings: Any, ema: Any,
+                     ema_shardings: Any) -> tuple[int, dict] | None:
+    """Restores the newest complete checkpoint: (step, {'state','ema','data','meta'}) or None."""
+    for step in reversed(self.steps()):
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state, state_shardings)),
+            ema=ocp.args.StandardRestore(_abstract(ema, ema_shardings)),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('checkpoint step %d in %s is unreadable (%s: %s); trying an older one',
+                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        continue
+      return step, dict(out)
+    return None
+
+
+def find_checkpoint_dir(path: str) -> str:
+  """`path` may be a workdir (with ckpt/) or a checkpoint directory itself."""
+  candidate = os.path.join(path, 'ckpt')
+  return candidate if os.path.isdir(candidate) else path
+
+
+def load_weights(path: str, *, params: Any, shardings: Any, prefer_ema: bool = True
+                 ) -> tuple[Any, Any, dict]:
+  """Weights for fine-tuning or sampling from a run or a converted checkpoint.
+
+  Returns (params, ema_or_None, meta). `params`/`shardings` give the target structure; a tree that
+  does not match (another model) raises CheckpointError naming the problem.
+  """
+  ckpt = Checkpointer(find_checkpoint_dir(path), read_only=True, async_save=False)
+  steps = ckpt.steps()
+  if not steps:
+    raise CheckpointError(f'no checkpoint found in {path}')
+  step = steps[-1]
+  names = ckpt.item_names(step)
+  meta = ckpt.read_meta(step) if 'meta' in names else {}
+  target = _abstract(params, shardings)
+  try:
+    if 'params' in names:
+      items = {'params': ocp.args.StandardRestore(target)}
+    else:
+      items = {'state': ocp.args.PyTreeRestore(
+          item={'params': target},
+          restore_args={'params': jax.tree.map(
+              lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)},
+          partial_restore=True)}
+    if 'ema' in names and prefer_ema:
+      items['ema'] = ocp.args.StandardRestore(target)
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f'checkpoint {path} (step {step}, model {meta.get("model", {}).get("name", "?")}) does '
+        f'not fit this model: {type(e).__name__}: {str(e).splitlines()[0][:300]}') from e
+  finally:
+    ckpt.close()
+  loaded = out['params'] if 'params' in names else out['state']['params']
+  return loaded, out.get('ema') if 'ema' in items else None, meta

@@ -1,0 +1,111 @@
+"""One attention function, several kernels: 'xla' | 'cudnn' | 'splash' | 'reference', and 'auto'.
+
+All take q, k, v laid out [batch, length, heads, head_dim] (BTNH) and return the same layout.
+Group attention never needs a mask: the images of a group are joined along `length` by a reshape,
+so every kernel runs plain bidirectional softmax attention.
+"""
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """float32 einsum attention: the numerical reference the kernels are tested against."""
+  dtype = q.dtype
+  q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, precision='highest') / jnp.sqrt(q.shape[-1])
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v, precision='highest').astype(dtype)
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  # cuDNN's fused kernel takes fp16/bf16 only; float32 callers get it in bf16 and cast back.
+  dtype = q.dtype
+  if dtype == jnp.float32:
+    q, k, v = (a.astype(jnp.bfloat16) for a in (q, k, v))
+  return jax.nn.dot_product_attention(q, k, v, implementation='cudnn').astype(dtype)
+
+
+_LANES = 128  # splash tiles the sequence and head_dim in multiples of the TPU lane width
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _splash_block(length: int, preferred: int = 512) -> int:
+  """Largest multiple of 128 <= preferred that divides the (padded) length."""
+  block = preferred
+  while block > _LANES and length % block:
+    block -= _LANES
+  return block
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, length: int, interpret: bool):
+  # Imported lazily: the Pallas TPU ops are only needed when this backend is chosen.
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  block = _splash_block(length)
+  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                        block_q_dq=block, block_kv_dq=block)
+  mask = sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(heads)])
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                            interpret=interpret), sk.SegmentIds
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The Pallas TPU splash kernel; on other platforms it runs in Pallas interpret mode (tests).
+
+  The kernel needs the sequence and head_dim in multiples of 128 (SiT-XL: T=256*M, head_dim 72).
+  Zero-padding head_dim leaves q.k and the first head_dim outputs unchanged; padded tokens get
+  segment id 1 so real queries never attend to them.
+  """
+  _, length, heads, head_dim = q.shape
+  padded_len, padded_dim = _round_up(length, _LANES), _round_up(head_dim, _LANES)
+  kernel, segment_ids_cls = _splash_kernel(heads, padded_len, jax.default_backend() != 'tpu')
+  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # splash does not scale the logits
+
+  def to_kernel_layout(a):  # [B, L, H, D] -> [B, H, L', D'] zero-padded
+    a = jnp.pad(a, ((0, 0), (0, padded_len - length), (0, 0), (0, padded_dim - head_dim)))
+    return jnp.swapaxes(a, 1, 2)
+
+  segments = (jnp.arange(padded_len) >= length).astype(jnp.int32)
+  segment_ids = segment_ids_cls(q=segments, kv=segments)
+  out = jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, segment_ids=segment_ids))(
+      to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v))
+  return jnp.swapaxes(out, 1, 2)[:, :length, :, :head_dim]
+
+
+BACKENDS: dict[str, AttentionFn] = {
+    'reference': reference_attention,
+    'xla': xla_attention,
+    'cudnn': cudnn_attention,
+    'splash': splash_attention,
+}
+
+# What 'auto' picks on each platform: the fused kernel where one exists, XLA elsewhere.
+AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'xla'}
+
+
+def resolve_backend(name: str, platform: str | None = None) -> str:
+  """Maps 'auto' to a concrete backend for `platform` and checks the name."""
+  if name == 'auto':
+    return AUTO.get(platform or jax.default_backend(), 'xla')
+  if name not in BACKENDS:
+    raise ValueError(f'unknown attention backend {name!r}; known: auto, {", ".join(BACKENDS)}')
+  return name
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = 'auto') -> jax.Array:
+  """Bidirectional softmax attention with scale head_dim**-0.5; q, k, v are [B, L, H, D]."""
+  return BACKENDS[resolve_backend(backend)](q, k, v)

@@ -1,0 +1,308 @@
+"""SiT / DiT backbone (adaLN-Zero transformer on latent patches) with the GroupDiff change.
+
+The backbone follows the official DiT/SiT definition: patch embedding, fixed 2-D sin-cos position
+embedding, timestep embedder ([cos, sin] of 256 frequencies), label embedder with a null class
+for CFG, adaLN-Zero blocks and a final adaLN layer, each with the official initialisation.
+
+The GroupDiff change is two things, both marked `GroupDiff` below:
+  (i)  group attention: the tokens of the M images of a group (contiguous in the batch) are joined
+       along the sequence axis for self-attention only, (B*M, T, D) -> (B, M*T, D) and back;
+  (ii) a learnable sample embedding (max_group_size x hidden) added to the conditioning vector,
+       its ids a fresh random permutation per group on every call (or fixed ids).
+With group size 1 the model is exactly SiT/DiT.
+
+Images are NHWC. Parameters carry logical axis names ('embed', 'mlp', 'heads', 'vocab', 'layers');
+the mesh rules in the config map them onto devices (groupdiff_jax.sharding).
+"""
+import dataclasses
+import functools
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from groupdiff_jax import sharding
+from groupdiff_jax.models.attention import attention
+
+# name -> (depth, hidden, heads); the official DiT/SiT sizes.
+SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+FAMILIES = ('SiT', 'DiT')
+FREQ_DIM = 256  # sinusoidal timestep features
+
+
+class ModelConfigError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SiTConfig:
+  depth: int
+  hidden: int
+  heads: int
+  patch: int
+  input_size: int = 32
+  in_channels: int = 4
+  num_classes: int = 1000
+  learn_sigma: bool = False
+  mlp_ratio: float = 4.0
+  max_group_size: int = 4
+  fixed_sample_ids: bool = False
+  attention: str = 'auto'
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+  remat: bool = False
+  time_convention: str = 'noise_at_1'
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.input_size // self.patch) ** 2
+
+
+def parse_name(name: str) -> tuple[str, int, int, int, int]:
+  """'SiT-XL/2' -> (family, depth, hidden, heads, patch). Custom sizes: 'SiT-d4h64n4/2'."""
+  m = re.fullmatch(r'(SiT|DiT)-(S|B|L|XL|d(\d+)h(\d+)n(\d+))/(\d+)', name)
+  if not m:
+    raise ModelConfigError(
+        f'unknown model name {name!r}; expected FAMILY-SIZE/PATCH with FAMILY in {FAMILIES}, '
+        f'SIZE in {sorted(SIZES)} (or dDEPTHhHIDDENnHEADS), e.g. SiT-XL/2')
+  family, size, patch = m.group(1), m.group(2), int(m.group(6))
+  if size in SIZES:
+    depth, hidden, heads = SIZES[size]
+  else:
+    depth, hidden, heads = int(m.group(3)), int(m.group(4)), int(m.group(5))
+  return family, depth, hidden, heads, patch
+
+
+def config_from(model_cfg) -> SiTConfig:
+  """Builds a SiTConfig from the `config.model` block."""
+  _, depth, hidden, heads, patch = parse_name(model_cfg.name)
+  if model_cfg.input_size % patch:
+    raise ModelConfigError(f'patch {patch} does not divide input size {model_cfg.input_size}')
+  if hidden % heads or hidden % 4:
+    raise ModelConfigError(f'hidden {hidden} must be divisible by heads {heads} and by 4')
+  if model_cfg.time_convention not in ('noise_at_1', 'noise_at_0'):
+    raise ModelConfigError(f'unknown time_convention {model_cfg.time_convention!r}')
+  return SiTConfig(
+      depth=depth, hidden=hidden, heads=heads, patch=patch, input_size=model_cfg.input_size,
+      in_channels=model_cfg.in_channels, num_classes=model_cfg.num_classes,
+      learn_sigma=model_cfg.learn_sigma, max_group_size=model_cfg.max_group_size,
+      fixed_sample_ids=model_cfg.fixed_sample_ids, attention=model_cfg.attention,
+      dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
+      time_convention=model_cfg.time_convention)
+
+
+# --- initialisers, each with its logical axes ---------------------------------------------------
+
+def _xavier(axes):
+  return nnx.with_partitioning(nnx.initializers.xavier_uniform(), axes)
+
+
+def _normal(axes, std=0.02):
+  return nnx.with_partitioning(nnx.initializers.normal(std), axes)
+
+
+def _zeros(axes):
+  return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+
+
+def _dense(cfg, n_in, n_out, kernel_init, rngs, bias_axes=(None,)):
+  return nnx.Linear(n_in, n_out, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                    kernel_init=kernel_init, bias_init=_zeros(bias_axes), rngs=rngs)
+
+
+@functools.lru_cache(maxsize=16)
+def sincos_pos_embed(hidden: int, grid: int) -> np.ndarray:
+  """Fixed 2-D sin-cos table [grid*grid, hidden]: first half encodes the column, second the row."""
+  omega = 1.0 / 10000 ** (np.arange(hidden // 4, dtype=np.float64) / (hidden / 4.0))
+  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
+                           indexing='ij')
+
+  def encode(pos):
+    angles = pos.reshape(-1)[:, None] * omega[None, :]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+  return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)
+
+
+def timestep_features(t: jax.Array, dim: int = FREQ_DIM) -> jax.Array:
+  """[cos(t f), sin(t f)] with f_k = 10000^(-k/(dim/2)); t is fed unscaled (SiT: [0, 1])."""
+  freqs = jnp.exp(-math.log(10000) * jnp.arange(dim // 2, dtype=jnp.float32) / (dim // 2))
+  angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def _layer_norm(x: jax.Array) -> jax.Array:
+  """LayerNorm without affine parameters, eps 1e-6, computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return (x32 - mean) * jax.lax.rsqrt(var + 1e-6)
+
+
+def _modulate(x, shift, scale):
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+# --- modules ---------------------------------------------------------------------------------------
+
+class TimestepEmbedder(nnx.Module):
+  def __init__(self, cfg: SiTConfig, rngs: nnx.Rngs):
+    self.mlp_0 = _dense(cfg, FREQ_DIM, cfg.hidden, _normal((None, 'embed')), rngs, ('embed',))
+    self.mlp_2 = _dense(cfg, cfg.hidden, cfg.hidden, _normal(('embed', 'mlp')), rngs, ('mlp',))
+
+  def __call__(self, t):
+    return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_features(t))))
+
+
+class Embedder(nnx.Module):
+  """A lookup table (labels incl. the null class, or GroupDiff sample ids), N(0, 0.02) init."""
+
+  def __init__(self, rows: int, cfg: SiTConfig, rngs: nnx.Rngs):
+    self.embedding_table = nnx.Param(
+        _normal(('vocab', 'embed'))(rngs.params(), (rows, cfg.hidden), jnp.dtype(cfg.param_dtype)))
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding_table[...], ids, axis=0)
+
+
+class Block(nnx.Module):
+  """adaLN-Zero transformer block whose self-attention spans the tokens of a whole group."""
+
+  def __init__(self, cfg: SiTConfig, rngs: nnx.Rngs):
+    d, mlp = cfg.hidden, int(cfg.hidden * cfg.mlp_ratio)
+    self.cfg = cfg
+    self.qkv = _dense(cfg, d, 3 * d, _xavier(('embed', 'heads')), rngs, ('heads',))
+    self.proj = _dense(cfg, d, d, _xavier(('heads', 'embed')), rngs, ('embed',))
+    self.fc1 = _dense(cfg, d, mlp, _xavier(('embed', 'mlp')), rngs, ('mlp',))
+    self.fc2 = _dense(cfg, mlp, d, _xavier(('mlp', 'embed')), rngs, ('embed',))
+    self.adaLN_modulation = _dense(cfg, d, 6 * d, _zeros(('embed', 'mlp')), rngs, ('mlp',))
+
+  def attn(self, h: jax.Array, group_size: int) -> jax.Array:
+    n, t, d = h.shape
+    heads = self.cfg.heads
+    qkv = self.qkv(h).reshape(n, t, 3, heads, d // heads)   # [q | k | v], each (heads, head_dim)
+    # GroupDiff (i): the M images of each group attend jointly over M*T tokens.
+    qkv = qkv.reshape(n // group_size, group_size * t, 3, heads, d // heads)
+    qkv = sharding.constrain(qkv, ('batch', 'tokens', None, None, None))
+    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.cfg.attention)
+    out = out.reshape(n, t, d)                               # back to one row per image
+    return self.proj(out)
+
+  def __call__(self, x, c, group_size: int):
+    mods = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mods, 6, axis=-1)
+    dtype = jnp.dtype(self.cfg.dtype)
+    h = _modulate(_layer_norm(x), shift1, scale1).astype(dtype)
+    x = x + gate1[:, None, :] * self.attn(h, group_size).astype(jnp.float32)
+    h = _modulate(_layer_norm(x), shift2, scale2).astype(dtype)
+    h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
+    x = x + gate2[:, None, :] * h.astype(jnp.float32)
+    return sharding.constrain(x, ('batch', 'tokens', None))
+
+
+class FinalLayer(nnx.Module):
+  def __init__(self, cfg: SiTConfig, rngs: nnx.Rngs):
+    self.adaLN_modulation = _dense(cfg, cfg.hidden, 2 * cfg.hidden, _zeros(('embed', 'mlp')),
+                                   rngs, ('mlp',))
+    self.linear = _dense(cfg, cfg.hidden, cfg.patch ** 2 * cfg.out_channels,
+                         _zeros(('embed', None)), rngs)
+
+  def __call__(self, x, c):
+    shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32), 2, -1)
+    return self.linear(_modulate(_layer_norm(x), shift, scale).astype(self.linear.dtype))
+
+
+class SiT(nnx.Module):
+  """SiT/DiT with group attention. Call: model(x, t, y, group_size=M, rng=key) -> [B, H, W, C_out]."""
+
+  def __init__(self, cfg: SiTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    p, c, d = cfg.patch, cfg.in_channels, cfg.hidden
+    # Patch embedding as patchify + Dense: the official conv's xavier init uses these dense fans.
+    self.x_embedder = _dense(cfg, p * p * c, d, _xavier((None, 'embed')), rngs, ('embed',))
+    self.t_embedder = TimestepEmbedder(cfg, rngs)
+    self.y_embedder = Embedder(cfg.num_classes + 1, cfg, rngs)  # row num_classes = null class
+    # GroupDiff (ii): one learnable embedding per position in a group (no null row).
+    self.sample_embedder = Embedder(cfg.max_group_size, cfg, rngs) if cfg.max_group_size else None
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make_blocks(r):
+      return Block(cfg, r)
+
+    self.blocks = make_blocks(rngs)  # stacked: every parameter has a leading 'layers' axis
+    self.final_layer = FinalLayer(cfg, rngs)
+
+  def sample_ids(self, num_images: int, group_size: int, rng: jax.Array | None) -> jax.Array:
+    """GroupDiff (ii): each group takes the first M entries of a fresh permutation of the table."""
+    groups = num_images // group_size
+    if self.cfg.fixed_sample_ids:
+      return jnp.tile(jnp.arange(group_size), groups)
+    if rng is None:
+      raise ValueError('the model draws random sample-embedding ids: pass rng= (or set '
+                       'model.fixed_sample_ids=True)')
+    keys = jax.random.uniform(rng, (groups, self.cfg.max_group_size))
+    return jnp.argsort(keys, axis=-1)[:, :group_size].reshape(-1)
+
+  def patchify(self, x):
+    n, h, w, c = x.shape
+    p = self.cfg.patch
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)  # token vector order (p_row, p_col, c)
+
+  def unpatchify(self, x):
+    n, p, c = x.shape[0], self.cfg.patch, self.cfg.out_channels
+    g = self.cfg.input_size // p
+    x = x.reshape(n, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, g * p, g * p, c)
+
+  def __call__(self, x, t, y, *, group_size: int = 1, rng: jax.Array | None = None,
+               sample_ids: jax.Array | None = None):
+    cfg = self.cfg
+    n = x.shape[0]
+    if n % group_size:
+      raise ValueError(f'group size {group_size} does not divide the batch of {n} images')
+    if cfg.max_group_size and group_size > cfg.max_group_size:
+      raise ValueError(f'group size {group_size} exceeds model.max_group_size {cfg.max_group_size}')
+    if cfg.time_convention == 'noise_at_0':  # original SiT weights: noise at t = 0
+      t = 1.0 - t
+    x = sharding.constrain(x, ('batch', None, None, None))
+    h = self.x_embedder(self.patchify(x.astype(cfg.dtype))).astype(jnp.float32)
+    h = h + sincos_pos_embed(cfg.hidden, cfg.input_size // cfg.patch)[None]
+    c = self.t_embedder(t) + self.y_embedder(y)
+    if self.sample_embedder is not None:
+      if sample_ids is None:
+        sample_ids = self.sample_ids(n, group_size, rng)
+      c = c + self.sample_embedder(sample_ids)
+    c = c.astype(jnp.float32)
+
+    graphdef, layers = nnx.split(self.blocks)
+
+    def one_block(h, layer):
+      return nnx.merge(graphdef, layer)(h, c, group_size), None
+
+    if cfg.remat:
+      one_block = jax.checkpoint(one_block, policy=jax.checkpoint_policies.nothing_saveable)
+    h, _ = jax.lax.scan(one_block, h, layers)
+    out = self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)
+    if cfg.time_convention == 'noise_at_0':  # d/dt flips sign with t -> 1 - t (velocity only)
+      out = out.at[..., :cfg.in_channels].multiply(-1.0)
+    return out
+
+
+def create(cfg: SiTConfig, seed: int = 0) -> SiT:
+  """Builds the model with logical sharding metadata but without placing it on devices."""
+  with nnx.use_eager_sharding(False):
+    return SiT(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(model: SiT) -> int:
+  """Trainable parameters (the fixed position embedding is not a parameter)."""
+  return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,114 @@
+"""The named device mesh and logical axis rules (maxtext vocabulary).
+
+Parameters and activations are annotated with logical axis names ('batch', 'tokens', 'embed',
+'mlp', 'heads', 'vocab', 'layers'); `config.mesh.rules` maps each name to mesh axes. Nothing here
+knows a device count: mesh sizes come from the config with -1 filling the remaining devices.
+"""
+import contextlib
+import math
+import threading
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+Rules = Sequence[tuple[str, Any]]
+
+
+class MeshError(ValueError):
+  pass
+
+
+def make_mesh(axes: Sequence[str], shape: Sequence[int],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with named `axes`; one entry of `shape` may be -1 to take the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  axes, shape = tuple(axes), [int(s) for s in shape]
+  if len(axes) != len(shape):
+    raise MeshError(f'mesh axes {axes} and shape {tuple(shape)} differ in length')
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise MeshError(f'mesh shape {tuple(shape)}: sizes must be positive, at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if len(devices) % known:
+      raise MeshError(f'mesh shape {tuple(shape)} does not divide the {len(devices)} devices')
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise MeshError(f'mesh shape {tuple(shape)} needs {math.prod(shape)} devices, '
+                    f'but {len(devices)} are present')
+  try:  # topology-aware device order on TPU/GPU; plain order where that is not available
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # pylint: disable=broad-except
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, axes)
+
+
+def mesh_from_config(config, devices=None) -> Mesh:
+  return make_mesh(config.mesh.axes, config.mesh.shape, devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, mesh: Mesh,
+                    shape: Sequence[int] | None = None) -> P:
+  """PartitionSpec for logical axes. A dim that its mesh axes would not divide stays whole."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(logical_axes):
+    target = table.get(name) if name is not None else None
+    if isinstance(target, str):
+      target = (target,)
+    target = tuple(a for a in (target or ()) if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in target)
+    if shape is not None and shape[i] % size:
+      target = ()
+    used.update(target)
+    spec.append(None if not target else target[0] if len(target) == 1 else target)
+  return P(*spec)
+
+
+_CONTEXT = threading.local()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
+  """Activates `mesh` and `rules` for `constrain` calls traced inside the block."""
+  previous = getattr(_CONTEXT, 'value', None)
+  _CONTEXT.value = (mesh, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in rules))
+  try:
+    yield
+  finally:
+    _CONTEXT.value = previous
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation by logical axis names; a no-op outside `use_mesh`."""
+  ctx = getattr(_CONTEXT, 'value', None)
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  # No divisibility check: XLA pads unevenly sharded activations (e.g. 6 unconditional groups
+  # over 8 devices), which beats replicating that computation on every device.
+  spec = logical_to_spec(logical_axes, rules, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
+  """NamedSharding for every variable of an nnx.State from its logical `out_sharding` names."""
+
+  def one(var):
+    axes = var.get_metadata().get('out_sharding') or (None,) * var.value.ndim
+    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, var.value.shape))
+
+  return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
+  """Images sharded over the 'batch' rule's axes, everything else whole."""
+  return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), rules, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
