@@ -1,0 +1,346 @@
+"""Checkpoint conversion: parity with diffusers' DiT, exact round trips, and bad input.
+
+The parity reference is diffusers' `DiTTransformer2DModel` (an implementation we did not write),
+randomly initialised in a small config and renamed to the official DiT state-dict names here.
+Two known differences between diffusers and the official DiT are bridged explicitly:
+  * diffusers keeps one timestep/label embedder per block (its DiT conversion copies the same
+    weights into each); we tie them to block 0's;
+  * diffusers' DiT time embedding uses `downscale_freq_shift=1` (frequencies 10000^(-k/127)),
+    the official DiT/SiT `exp(-ln(10000) k / 128)`, i.e. shift 0; we set shift 0 and check
+    separately that diffusers' features with shift 0 equal `sit.timestep_features`.
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from groupdiff_jax import convert, convert_io, convert_keys
+from groupdiff_jax.convert_keys import ConversionError
+from groupdiff_jax.models import sit
+
+torch = pytest.importorskip('torch', reason='parity and .pt tests need torch (the test extra)')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEPTH, HEADS, HEAD_DIM, SIDE, PATCH, CH = 2, 2, 16, 8, 2, 4
+HIDDEN = HEADS * HEAD_DIM
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+# --- a diffusers DiT as the independent reference ----------------------------------------------
+
+def make_diffusers_dit(learn_sigma: bool, seed: int):
+  diffusers = pytest.importorskip('diffusers', reason='parity tests need diffusers')
+  torch.manual_seed(seed)
+  model = diffusers.DiTTransformer2DModel(
+      num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=CH,
+      out_channels=2 * CH if learn_sigma else CH, num_layers=DEPTH, sample_size=SIDE,
+      patch_size=PATCH, num_embeds_ada_norm=1000, norm_eps=1e-6).eval()
+  # Randomise every parameter: the official init zeroes adaLN and the final layer, which would
+  # make the comparison vacuous.
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for p in model.parameters():
+      fan_in = p.shape[1] * (p[0, 0].numel() if p.ndim > 2 else 1) if p.ndim >= 2 else 16
+      p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
+    emb0 = model.transformer_blocks[0].norm1.emb
+    for block in model.transformer_blocks:
+      block.norm1.emb.load_state_dict(emb0.state_dict())  # one shared t/y embedder, as DiT
+      block.norm1.emb.time_proj.downscale_freq_shift = 0  # the official DiT frequencies
+  return model
+
+
+# diffusers name -> official name; q/k/v are concatenated into qkv separately.
+_RENAMES = {
+    'pos_embed.proj': 'x_embedder.proj',
+    'transformer_blocks.0.norm1.emb.timestep_embedder.linear_1': 't_embedder.mlp.0',
+    'transformer_blocks.0.norm1.emb.timestep_embedder.linear_2': 't_embedder.mlp.2',
+    'transformer_blocks.0.norm1.emb.class_embedder.embedding_table': 'y_embedder.embedding_table',
+    'proj_out_1': 'final_layer.adaLN_modulation.1',
+    'proj_out_2': 'final_layer.linear',
+}
+_BLOCK_RENAMES = {'norm1.linear': 'adaLN_modulation.1', 'attn1.to_out.0': 'attn.proj',
+                  'ff.net.0.proj': 'mlp.fc1', 'ff.net.2': 'mlp.fc2'}
+
+
+def diffusers_to_official(model) -> dict[str, np.ndarray]:
+  sd = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  out, used = {}, set()
+  for src, dst in _RENAMES.items():
+    for leaf in ('weight', 'bias'):
+      if f'{src}.{leaf}' in sd:
+        out[f'{dst}.{leaf}'] = sd[f'{src}.{leaf}']
+        used.add(f'{src}.{leaf}')
+  for i in range(DEPTH):
+    pre = f'transformer_blocks.{i}.'
+    for src, dst in _BLOCK_RENAMES.items():
+      for leaf in ('weight', 'bias'):
+        out[f'blocks.{i}.{dst}.{leaf}'] = sd[f'{pre}{src}.{leaf}']
+        used.add(f'{pre}{src}.{leaf}')
+    for leaf in ('weight', 'bias'):
+      names = [f'{pre}attn1.to_{n}.{leaf}' for n in 'qkv']
+      out[f'blocks.{i}.attn.qkv.{leaf}'] = np.concatenate([sd[n] for n in names])
+      used.update(names)
+    used.update(k for k in sd if k.startswith(pre + 'norm1.emb.'))  # tied copies
+  assert not set(sd) - used, f'unmapped diffusers keys: {sorted(set(sd) - used)}'
+  return out
+
+
+def run_diffusers(model, x_nhwc, t, y):
+  with torch.no_grad():
+    out = model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))),
+                timestep=torch.from_numpy(np.asarray(t, np.float32)),
+                class_labels=torch.from_numpy(np.asarray(y, np.int64))).sample
+  return out.numpy().transpose(0, 2, 3, 1)
+
+
+def test_diffusers_time_features_with_shift_0_match_ours():
+  diffusers = pytest.importorskip('diffusers', reason='parity tests need diffusers')
+  from diffusers.models.embeddings import get_timestep_embedding
+  t = np.array([0.0, 0.25, 1.0, 17.0, 999.0], np.float32)
+  theirs = get_timestep_embedding(torch.from_numpy(t), 256, flip_sin_to_cos=True,
+                                  downscale_freq_shift=0).numpy()
+  with jax.default_matmul_precision('highest'):
+    ours = np.asarray(sit.timestep_features(jnp.asarray(t)))
+  # torch's and XLA's float32 exp differ by 1 ulp on some frequencies; the argument t*f then
+  # differs by ~t * 6e-8, so allow float32 rounding that grows with t (DiT feeds t up to 999).
+  tol = 1e-6 + 1.2e-7 * t[:, None]
+  assert diffusers is not None and np.all(np.abs(ours - theirs) <= tol)
+  # With diffusers' own DiT setting (shift 1) the features are different: hence the patch above.
+  shifted = get_timestep_embedding(torch.from_numpy(t), 256, flip_sin_to_cos=True,
+                                   downscale_freq_shift=1).numpy()
+  assert np.abs(ours - shifted).max() > 1e-2
+
+
+def _save(path: str, payload: dict) -> None:
+  if path.endswith('.safetensors'):
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in payload.items()}, path)
+  else:
+    torch.save(jax.tree.map(torch.from_numpy, payload,
+                            is_leaf=lambda v: isinstance(v, np.ndarray)), path)
+
+
+# (kind, learn_sigma, file name, how the file wraps the official state dict)
+CASES = [
+    ('dit', True, 'dit.pt', 'bare'),
+    ('dit', False, 'dit.safetensors', 'bare'),
+    ('sit', True, 'sit.pt', 'train'),
+    ('repa', False, 'repa.pt', 'ema_only'),
+    ('groupdiff', False, 'gdiff.pth', 'groupdiff'),
+]
+
+
+@pytest.mark.parametrize('kind,learn_sigma,fname,wrap', CASES)
+def test_parity_with_diffusers_dit(tmp_path, kind, learn_sigma, fname, wrap):
+  ref = make_diffusers_dit(learn_sigma, seed=len(kind) + 7 * learn_sigma)
+  sd = diffusers_to_official(ref)
+  rng = np.random.default_rng(0)
+  sd['pos_embed'] = sit.sincos_pos_embed(HIDDEN, SIDE // PATCH)[None]
+  if kind == 'repa':  # REPA's projector heads must be dropped
+    sd['projectors.0.0.weight'] = rng.standard_normal((64, HIDDEN)).astype(np.float32)
+  if kind == 'groupdiff':
+    # GroupDiff adds s_emb[id] to the conditioning; with fixed ids (all 0 at group size 1) the
+    # reference sees the same sum when s_emb[0] is folded into its label table.
+    table = rng.standard_normal((4, HIDDEN)).astype(np.float32)
+    sd['sample_embedder.embedding_table.weight'] = table
+    with torch.no_grad():
+      for block in ref.transformer_blocks:
+        block.norm1.emb.class_embedder.embedding_table.weight += torch.from_numpy(table[0])
+  # Training-checkpoint layouts: params != ema, so the test also shows the EMA is what loads.
+  noisy = {k: v if k == 'pos_embed' else v + 0.5 for k, v in sd.items()}
+  payload = {
+      'bare': sd,
+      'train': {'model': noisy, 'ema': sd, 'opt': {'state': {}}, 'args': argparse.Namespace(a=1)},
+      'ema_only': {'ema': sd, 'steps': 4_000_000},
+      'groupdiff': {'model': {f'denoiser.{k}': v for k, v in noisy.items()},
+                    'model_ema': {f'denoiser.{k}': v for k, v in sd.items()}, 'epoch': 3},
+  }[wrap]
+  src = str(tmp_path / fname)
+  if fname.endswith('.safetensors'):
+    _save(src, payload)
+  else:
+    torch.save(jax.tree.map(lambda v: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray)
+                            else v, payload, is_leaf=lambda v: not isinstance(v, dict)), src)
+  out = str(tmp_path / 'ckpt')
+  # Without a sample table (or with a zero one) the converted model is exactly the file's.
+  table_args = {'groupdiff': {}, 'repa': dict(sample_init='zeros')}.get(kind, dict(max_group_size=0))
+  meta = convert.convert_file(src, kind, out, heads=HEADS, verbose=False, **table_args)
+  assert meta['model']['learn_sigma'] == learn_sigma
+  assert meta['model']['time_convention'] == convert.KINDS[kind].time_convention
+  assert meta['time_convention'] == convert.KINDS[kind].meta_time
+  assert meta['has_ema'] == (wrap in ('train', 'groupdiff'))
+  model, _ = convert.load_converted(out, fixed_sample_ids=True)
+  ddpm_time = kind == 'dit'
+  for trial in range(3):
+    x = rng.standard_normal((3, SIDE, SIDE, CH)).astype(np.float32)
+    t = (rng.integers(0, 1000, 3) if ddpm_time else rng.uniform(0, 1, 3)).astype(np.float32)
+    y = np.array([rng.integers(0, 1000), rng.integers(0, 1000), 1000])  # incl. the null class
+    with jax.default_matmul_precision('highest'):
+      ours = np.asarray(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)))
+    if kind == 'sit':  # noise_at_0: the model computes -v_SiT(x, 1 - t) on the velocity
+      theirs = run_diffusers(ref, x, 1.0 - t, y)
+      theirs[..., :CH] *= -1
+    else:
+      theirs = run_diffusers(ref, x, t, y)
+    assert ours.shape == theirs.shape == (3, SIDE, SIDE, 2 * CH if learn_sigma else CH)
+    print(f"{kind} trial {trial}: rel err {rel_err(ours, theirs):.2e}")
+    assert rel_err(ours, theirs) <= 1e-5, (trial, rel_err(ours, theirs))
+
+
+# --- exact round trips --------------------------------------------------------------------------
+
+def _random_params(cfg: sit.SiTConfig, seed: int) -> dict:
+  from flax import nnx
+  params = nnx.to_pure_dict(nnx.state(sit.create(cfg), nnx.Param))
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(tree, [rng.standard_normal(l.shape).astype(np.float32)
+                                   for l in leaves])
+
+
+@pytest.mark.parametrize('learn_sigma,groups', [(False, 4), (True, 0)])
+def test_round_trip_is_exact(tmp_path, learn_sigma, groups):
+  cfg = sit.SiTConfig(depth=3, hidden=48, heads=3, patch=4, input_size=16,
+                      learn_sigma=learn_sigma, max_group_size=groups, dtype='float32')
+  params = _random_params(cfg, seed=1)
+  sd = convert.params_to_official(params, cfg)
+  assert sd['x_embedder.proj.weight'].shape == (48, 4, 4, 4)
+  assert sd['blocks.2.attn.qkv.weight'].shape == (144, 48)
+  back = convert_keys.official_to_params(sd, cfg)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
+  # Through a .pt file and the full converter (inference of the size from shapes included).
+  src = str(tmp_path / 'rt.pt')
+  _save(src, sd)
+  loaded = convert_io.read(src)
+  conv = convert.convert_state_dict(loaded.params, 'repa', heads=3, max_group_size=groups)
+  assert (conv.cfg.depth, conv.cfg.hidden, conv.cfg.patch, conv.cfg.input_size) == (3, 48, 4, 16)
+  assert conv.cfg.learn_sigma == learn_sigma and conv.name == 'SiT-d3h48n3/4'
+  assert all(np.array_equal(a, b)
+             for a, b in zip(jax.tree.leaves(conv.params), jax.tree.leaves(params)))
+  again = convert.params_to_official(conv.params, conv.cfg)
+  assert set(again) == set(sd) and all(np.array_equal(again[k], sd[k]) for k in sd)
+
+
+def test_published_sizes_are_inferred_and_sigma_can_be_dropped():
+  cfg = sit.SiTConfig(depth=12, hidden=384, heads=6, patch=2, learn_sigma=True, max_group_size=0)
+  sd = {k: np.zeros(s, np.float32) for k, s in convert_keys.expected_shapes(cfg).items()}
+  info = convert_keys.infer(sd)
+  assert (info.heads, info.input_size, info.num_classes, info.learn_sigma) == (6, 32, 1000, True)
+  assert info.model_name('DiT') == 'DiT-S/2'
+  conv = convert.convert_state_dict(sd, 'sit', drop_sigma=True, max_group_size=0)
+  assert not conv.cfg.learn_sigma and conv.cfg.time_convention == 'noise_at_0'
+  assert conv.params['final_layer']['linear']['kernel'].shape == (384, 16)
+
+
+def test_drop_sigma_keeps_the_velocity_channels():
+  rng = np.random.default_rng(0)
+  sd = {'final_layer.linear.weight': rng.standard_normal((2 * 2 * 8, 5)),
+        'final_layer.linear.bias': rng.standard_normal(2 * 2 * 8)}
+  out = convert_keys.drop_sigma(sd, in_channels=4, patch=2)
+  w = sd['final_layer.linear.weight'].reshape(2, 2, 8, 5)
+  assert np.array_equal(out['final_layer.linear.weight'], w[:, :, :4].reshape(16, 5))
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _official(learn_sigma=False) -> dict[str, np.ndarray]:
+  cfg = sit.SiTConfig(depth=DEPTH, hidden=HIDDEN, heads=HEADS, patch=PATCH, input_size=SIDE,
+                      learn_sigma=learn_sigma, max_group_size=0)
+  return convert.params_to_official(_random_params(cfg, seed=3), cfg)
+
+
+def _expect_failure(tmp_path, sd, *, match: list[str], kind='dit', fname='bad.pt'):
+  src, out = str(tmp_path / fname), str(tmp_path / 'out')
+  _save(src, sd)
+  with pytest.raises(ConversionError) as err:
+    convert.convert_file(src, kind, out, heads=HEADS, verbose=False)
+  for text in match:
+    assert text in str(err.value), str(err.value)
+  assert not os.path.exists(out) and not any(p.name.startswith('out.tmp') for p in tmp_path.iterdir())
+
+
+def test_missing_key(tmp_path):
+  sd = _official()
+  del sd['blocks.1.mlp.fc2.bias']
+  _expect_failure(tmp_path, sd, match=['missing keys', 'blocks.1.mlp.fc2.bias', f'({HIDDEN},)'])
+
+
+def test_unexpected_key(tmp_path):
+  sd = _official()
+  sd['blocks.0.attn.q_norm.weight'] = np.ones(HEAD_DIM, np.float32)
+  _expect_failure(tmp_path, sd, match=['unexpected keys', 'blocks.0.attn.q_norm.weight', '(16,)'])
+
+
+def test_bad_shapes(tmp_path):
+  sd = _official()
+  sd['blocks.1.mlp.fc1.weight'] = np.zeros((100, HIDDEN), np.float32)
+  sd['final_layer.linear.bias'] = np.zeros(7, np.float32)
+  _expect_failure(tmp_path, sd, match=['wrong shapes', 'blocks.1.mlp.fc1.weight (100, 32)',
+                                       '(expected (128, 32))', 'final_layer.linear.bias'])
+
+
+def test_shapes_that_fit_no_size(tmp_path):
+  sd = _official()
+  sd['final_layer.linear.weight'] = np.zeros((4 * 5, HIDDEN), np.float32)  # 5 output channels
+  _expect_failure(tmp_path, sd, match=['fits no model', '5 output channels'])
+  src = str(tmp_path / 'nosize.pt')
+  _save(src, _official())
+  with pytest.raises(ConversionError, match='no published size.*--heads'):
+    convert.convert_file(src, 'dit', str(tmp_path / 'o2'), verbose=False)  # no --heads
+  assert not os.path.exists(tmp_path / 'o2')
+
+
+def test_foreign_files(tmp_path):
+  (tmp_path / 'notes.pt').write_text('not a checkpoint')
+  with pytest.raises(ConversionError, match='cannot read as a PyTorch checkpoint'):
+    convert.convert_file(str(tmp_path / 'notes.pt'), 'sit', str(tmp_path / 'o'), verbose=False)
+  _save(str(tmp_path / 'other.safetensors'), {'encoder.conv_in.weight': np.zeros((2, 2))})
+  with pytest.raises(ConversionError, match='x_embedder.proj.weight'):
+    convert.convert_file(str(tmp_path / 'other.safetensors'), 'sit', str(tmp_path / 'o'),
+                         verbose=False)
+  assert not os.path.exists(tmp_path / 'o')
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', 'groupdiff_jax.convert', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('fname', ['trunc.pt', 'trunc.safetensors'])
+def test_cli_truncated_file_exits_nonzero_and_writes_nothing(tmp_path, fname):
+  src, out = str(tmp_path / fname), str(tmp_path / 'out')
+  _save(src, _official())
+  data = open(src, 'rb').read()
+  with open(src, 'wb') as f:
+    f.write(data[: len(data) // 2])
+  proc = _cli(f'--src={src}', '--kind=dit', f'--out={out}', f'--heads={HEADS}')
+  assert proc.returncode != 0
+  assert 'cannot read' in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(out)
+
+
+def test_cli_converts_and_reports_flags(tmp_path):
+  src, out = str(tmp_path / 'ok.pt'), str(tmp_path / 'out')
+  sd = _official(learn_sigma=True)
+  _save(src, sd)
+  proc = _cli(f'--src={src}', '--kind=dit', f'--out={out}', f'--heads={HEADS}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '--config.model.name=DiT-d2h32n2/2' in proc.stdout
+  assert 'dit_diffusion' in proc.stdout  # the DDPM note
+  model, meta = convert.load_converted(out)
+  assert meta['kind'] == 'dit' and meta['time_convention'] == 'ddpm_1000'
+  assert not meta['has_ema'] and model.cfg.learn_sigma and model.cfg.max_group_size == 4
+  # A second run onto the same --out refuses and leaves the first checkpoint alone.
+  again = _cli(f'--src={src}', '--kind=dit', f'--out={out}', f'--heads={HEADS}')
+  assert again.returncode != 0 and 'not empty' in again.stderr
