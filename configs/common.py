@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.neighbors = ''          # neighbour file dir (retrieval.neighbor_file format)
   c.data.image_size = 32         # digits: resize side
   c.data.num_threads = 1
+  c.data.prefetch_batches = 4
+  c.data.neighbors_k = 32        # neighbours kept per image when a source builds its own file
+  c.data.synthetic_size = 65_536  # images in the synthetic source
 
   # Mesh: named axes with sizes; -1 fills the remaining devices. Rules map logical axis names
   # (on parameters and activations) to mesh axes.
@@ -85,4 +88,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.uncond_group_size = 4
   c.sample.guided_channels = 0   # 0 = all channels; 3 reproduces the DiT/SiT legacy quirk
   c.sample.num_images = 16       # the end-of-training PNG grid
+  c.sample.write_grid = False    # pixel-space models (the demo) write a PNG grid at the end
+  c.sample.seed = 0
   return c

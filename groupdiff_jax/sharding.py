@@ -95,14 +95,13 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
-  """NamedSharding for every variable of an nnx.State from its logical `out_sharding` names."""
-
-  def one(var):
-    axes = var.get_metadata().get('out_sharding') or (None,) * var.value.ndim
-    return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, var.value.shape))
-
-  return jax.tree.map(one, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
+  """Pure dict of NamedSharding for an nnx.State, from each variable's logical axis names."""
+  specs = nnx.get_partition_spec(state).to_pure_dict()
+  shapes = jax.tree.map(lambda v: v.shape, state.to_pure_dict())
+  return jax.tree.map(
+      lambda spec, shape: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh, shape)),
+      specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

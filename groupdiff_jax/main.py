@@ -1,0 +1,48 @@
+"""Train entry point.
+
+  python -m groupdiff_jax.main --config=configs/sit_xl.py --workdir=DIR [--config.optim.lr=3e-4]
+
+Multi-host (TPU pods, GPU clusters): every host runs the same command; pass --distributed
+(Cloud TPU needs no other flag; elsewhere set --coordinator, --num_processes, --process_id or the
+SLURM/OpenMPI environment that jax.distributed.initialize detects).
+"""
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'A config file from configs/.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-host, non-TPU).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, non-TPU).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-host, non-TPU).')
+flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Errors caused by the config, the data or the workdir: one line, no traceback."""
+  from groupdiff_jax import checkpoint, layout, sharding, train  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.models import sit  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.retrieval import neighbor_file  # pylint: disable=import-outside-toplevel
+  return (layout.LayoutError, sit.ModelConfigError, sharding.MeshError,
+          checkpoint.CheckpointError, train.WorkdirError, train.TrainingDiverged,
+          neighbor_file.NeighborFileError, ValueError)
+
+
+def main(argv):
+  del argv
+  import jax  # pylint: disable=import-outside-toplevel
+  if FLAGS.distributed:
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  from groupdiff_jax import train  # pylint: disable=import-outside-toplevel
+  try:
+    train.train(FLAGS.config, FLAGS.workdir)
+  except user_errors() as e:
+    print(f'groupdiff_jax: error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

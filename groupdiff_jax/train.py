@@ -1,0 +1,171 @@
+"""The training loop: workdir, mesh and model, data, state (resume / fine-tune / fresh), steps,
+checkpoints, and a sample grid at the end. Read it top to bottom."""
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from groupdiff_jax import checkpoint, flops, generate, image_grid, sharding, train_step
+from groupdiff_jax.data import pipeline
+from groupdiff_jax.metrics_writer import MetricsWriter
+
+# Fields of config.model that make two checkpoints incompatible.
+MODEL_IDENTITY = ('name', 'input_size', 'in_channels', 'num_classes', 'learn_sigma',
+                  'max_group_size')
+
+
+class WorkdirError(OSError):
+  pass
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it is writable before any work starts."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f'workdir {workdir} is not writable: {e.strerror or e}') from e
+
+
+def run_meta(config: ml_collections.ConfigDict, mesh) -> dict:
+  return {'model': config.model.to_dict(), 'time_convention': config.model.time_convention,
+          'mesh': {'axes': list(mesh.axis_names), 'shape': [int(s) for s in mesh.devices.shape]},
+          'config': json.loads(config.to_json())}
+
+
+def check_same_model(ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir whose checkpoints belong to another model."""
+  steps = ckpt.steps()
+  if not steps:
+    return
+  saved = ckpt.read_meta(steps[-1]).get('model', {})
+  diff = {k: (saved.get(k), config.model[k]) for k in MODEL_IDENTITY if saved.get(k) != config.model[k]}
+  if diff:
+    detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
+    raise checkpoint.CheckpointError(
+        f'checkpoints in {ckpt.directory} are from a different model ({detail}); '
+        'use a new --workdir or --config.init_from to fine-tune')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+  prepare_workdir(workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=1))
+
+  # --- mesh, model, optimizer: nothing allocated yet ---------------------------------------
+  mesh = sharding.mesh_from_config(config)
+  trainer = train_step.build(config, mesh)
+  layout = trainer.layout
+  print(f'mesh {dict(mesh.shape)} | model {config.model.name} | batch: {layout.num_cond} cond '
+        f'(groups of {layout.cond_group_size}) + {layout.num_uncond} uncond (groups of '
+        f'{layout.uncond_group_size})', flush=True)
+
+  # --- data -------------------------------------------------------------------------------
+  data = pipeline.make_train_data(config, layout, workdir=workdir,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  model_shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
+  if tuple(data.image_shape) != model_shape:
+    raise ValueError(f'data source {config.data.source!r} gives images {tuple(data.image_shape)} '
+                     f'but the model expects {model_shape} (model.input_size/in_channels)')
+
+  # --- state: resume this run, else fine-tune from init_from, else fresh ---------------------
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'ckpt'), max_to_keep=config.keep_ckpts)
+  check_same_model(ckpt, config)
+  sh, abstract = trainer.state_shardings, trainer.abstract_state
+  saved_keys = ('step', 'params', 'opt_state')
+  restored = ckpt.restore_latest(
+      state={k: abstract[k] for k in saved_keys}, state_shardings={k: sh[k] for k in saved_keys},
+      ema=abstract['ema'], ema_shardings=sh['ema'])
+  if restored is not None:
+    start_step, items = restored
+    state = dict(items['state'], ema=items['ema'])
+    data.set_state(items['data'])
+    print(f'resumed from step {start_step} in {ckpt.directory}', flush=True)
+  elif config.init_from:
+    params, ema, meta = checkpoint.load_weights(config.init_from, params=abstract['params'],
+                                                shardings=sh['params'])
+    state = train_step.init_state(trainer, config.seed, params=ema if ema is not None else params)
+    start_step = 0
+    print(f'fine-tuning from {config.init_from} ({meta.get("source", "trainer checkpoint")}, '
+          f'{"EMA" if ema is not None else "raw"} weights)', flush=True)
+  else:
+    state = train_step.init_state(trainer, config.seed)
+    start_step = 0
+
+  # --- the loop ---------------------------------------------------------------------------
+  step_fn = train_step.make_train_step(trainer, config)
+  writer = MetricsWriter(workdir, config.total_steps, images_per_step=layout.global_batch,
+                         flops_per_step=flops.train_flops_per_batch(trainer.model_cfg, layout),
+                         peak_flops=flops.peak_flops_per_device(), num_devices=mesh.size)
+  ckpt.install_sigterm_handler()
+  meta = run_meta(config, mesh)
+  last = {}
+
+  def save(step: int, metrics) -> None:
+    loss = float(metrics['loss'])
+    if not math.isfinite(loss):  # never write a diverged state over the last good one
+      raise TrainingDiverged(f'loss is {loss} at step {step}; stopped without saving, the last '
+                             f'good checkpoint in {ckpt.directory} is kept')
+    ckpt.save(step, state={k: state[k] for k in saved_keys}, ema=state['ema'],
+              data=data.get_state(), meta=dict(meta, step=step), force=True)
+
+  writer.start(start_step)
+  step, metrics = start_step, None
+  while step < config.total_steps:
+    batch = next(data)
+    batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
+             for k, v in batch.items()}
+    state, metrics = step_fn(state, batch)
+    step += 1
+    done = step == config.total_steps
+    if step % config.log_every_steps == 0 or done:
+      last = writer.write(step, jax.device_get(metrics))
+      if not math.isfinite(last['loss']):
+        raise TrainingDiverged(f'loss is {last["loss"]} at step {step}; stopped, the last good '
+                               f'checkpoint in {ckpt.directory} is kept')
+    preempted = ckpt.preempted(step)
+    if step % config.ckpt_every_steps == 0 or done or preempted:
+      save(step, metrics)
+    if preempted:
+      print(f'preemption signal: saved step {step}, exiting', flush=True)
+      break
+  ckpt.close()
+  writer.close()
+
+  # --- a grid of samples from the EMA weights -----------------------------------------------
+  if config.sample.write_grid and is_main and step == config.total_steps:
+    t0 = time.perf_counter()
+    images, _ = generate.generate_images(trainer, config.sample, state['ema'],
+                                         config.sample.num_images, config.sample.seed)
+    path = os.path.join(workdir, f'samples_step{step}.png')
+    image_grid.save_grid(images, path, columns=max(config.sample.cond_group_size,
+                                                   config.sample.uncond_group_size), scale=4)
+    print(f'wrote {path} ({len(images)} samples, {time.perf_counter() - t0:.1f}s)', flush=True)
+  return dict(last, step=step)
+
+
+def steps_done(workdir: str) -> list[int]:
+  """Steps with a complete checkpoint in a workdir (for tools and tests)."""
+  return checkpoint.Checkpointer(os.path.join(workdir, 'ckpt'), read_only=True).steps()
+
+
+def final_losses(workdir: str) -> np.ndarray:
+  """The logged losses of a run, in step order."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  return np.array([r['loss'] for r in sorted(rows, key=lambda r: r['step'])])
