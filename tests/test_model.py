@@ -1,0 +1,198 @@
+"""SiT/DiT backbone facts and the GroupDiff change (group attention, sample embedding)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from groupdiff_jax.models import sit
+
+
+def _count(name, learn_sigma, max_group_size=0):
+  _, depth, hidden, heads, patch = sit.parse_name(name)
+  cfg = sit.SiTConfig(depth=depth, hidden=hidden, heads=heads, patch=patch,
+                      learn_sigma=learn_sigma, max_group_size=max_group_size)
+  return sit.count_params(jax.eval_shape(lambda: sit.create(cfg))), hidden
+
+
+@pytest.mark.parametrize('name,learn_sigma,expected', [
+    ('SiT-XL/2', False, 674_816_272),
+    ('DiT-XL/2', True, 674_834_720),
+])
+def test_official_parameter_counts(name, learn_sigma, expected):
+  count, hidden = _count(name, learn_sigma)
+  assert count == expected
+  assert _count(name, learn_sigma, max_group_size=4)[0] == expected + 4 * hidden
+
+
+def _tiny(max_group_size=4, **kw):
+  cfg = sit.SiTConfig(depth=2, hidden=32, heads=2, patch=2, input_size=8, in_channels=4,
+                      num_classes=10, dtype='float32', max_group_size=max_group_size, **kw)
+  model = sit.create(cfg, seed=0)
+  # Official init zeroes adaLN and the final layer (output 0): randomise so outputs mean something.
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.PRNGKey(42), len(leaves))
+  leaves = [0.2 * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)), cfg
+
+
+def _inputs(n=8, seed=0):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  return (jax.random.normal(k1, (n, 8, 8, 4)), jax.random.uniform(k2, (n,)),
+          jax.random.randint(k3, (n,), 0, 11))
+
+
+def test_output_is_zero_at_official_init():
+  cfg = sit.SiTConfig(depth=2, hidden=32, heads=2, patch=2, input_size=8, num_classes=10,
+                      dtype='float32')
+  out = sit.create(cfg)(*_inputs(), group_size=4, rng=jax.random.PRNGKey(0))
+  assert out.shape == (8, 8, 8, 4)
+  np.testing.assert_array_equal(out, 0.0)
+
+
+def test_official_initialisation():
+  cfg = sit.SiTConfig(depth=3, hidden=64, heads=4, patch=2, input_size=8, num_classes=10)
+  params = nnx.state(sit.create(cfg), nnx.Param).to_pure_dict()
+  qkv = np.asarray(params['blocks']['qkv']['kernel'])
+  assert qkv.shape == (3, 64, 192)
+  bound = math.sqrt(6 / (64 + 192))  # xavier uniform of the (D, 3D) matrix
+  assert np.abs(qkv).max() <= bound and np.abs(qkv).max() > 0.9 * bound
+  patch = np.asarray(params['x_embedder']['kernel'])  # xavier on the dense (C*p*p, D) view
+  assert np.abs(patch).max() <= math.sqrt(6 / (16 + 64))
+  for table in (params['y_embedder']['embedding_table'], params['sample_embedder']['embedding_table'],
+                params['t_embedder']['mlp_0']['kernel']):
+    assert abs(float(np.std(table)) - 0.02) < 0.004
+  assert params['y_embedder']['embedding_table'].shape == (11, 64)  # + null class
+  for zeroed in (params['blocks']['adaLN_modulation'], params['final_layer']['adaLN_modulation'],
+                 params['final_layer']['linear']):
+    assert not np.any(zeroed['kernel']) and not np.any(zeroed['bias'])
+  for bias in (params['blocks']['fc1']['bias'], params['x_embedder']['bias']):
+    assert not np.any(bias)
+
+
+def test_position_embedding_matches_formula():
+  table = sit.sincos_pos_embed(8, 2)  # hidden 8: 2 frequencies per (sin, cos) x (col, row)
+  omega = 1.0 / 10000 ** (np.arange(2) / 2.0)
+  token = 1 * 2 + 0  # row 1, column 0
+  col, row = 0.0, 1.0
+  want = np.concatenate([np.sin(col * omega), np.cos(col * omega),
+                         np.sin(row * omega), np.cos(row * omega)])
+  np.testing.assert_allclose(table[token], want, rtol=1e-6)
+
+
+def test_timestep_features_are_cos_then_sin():
+  feats = sit.timestep_features(jnp.array([0.5]), dim=4)
+  freqs = np.exp(-np.log(10000) * np.arange(2) / 2)
+  np.testing.assert_allclose(feats[0], np.concatenate([np.cos(0.5 * freqs), np.sin(0.5 * freqs)]),
+                             rtol=1e-6)
+
+
+def test_group_size_one_equals_plain_sit():
+  grouped, _ = _tiny(max_group_size=4)
+  plain = nnx.merge(*nnx.split(_tiny(max_group_size=0)[0]))
+  # Same backbone weights; the GroupDiff model's sample table zeroed makes it plain SiT.
+  g_state = nnx.state(grouped).to_pure_dict()
+  p_state = nnx.state(plain).to_pure_dict()
+  g_state = {k: v for k, v in g_state.items() if k != 'sample_embedder'}
+  nnx.update(plain, jax.tree.map(jnp.asarray, g_state))
+  grouped.sample_embedder.embedding_table[...] = jnp.zeros_like(
+      grouped.sample_embedder.embedding_table[...])
+  x, t, y = _inputs()
+  want = plain(x, t, y, group_size=1)
+  np.testing.assert_array_equal(grouped(x, t, y, group_size=1, rng=jax.random.PRNGKey(3)), want)
+  assert set(p_state) == set(g_state)
+  # And each image alone gives the same output as in the batch: no cross-image mixing at M=1.
+  np.testing.assert_allclose(plain(x[:1], t[:1], y[:1]), want[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_permuting_a_group_permutes_outputs():
+  model, _ = _tiny()
+  x, t, y = _inputs()
+  ids = jnp.array([0, 1, 2, 3, 3, 2, 1, 0])
+  out = model(x, t, y, group_size=4, sample_ids=ids)
+  perm = np.array([2, 0, 3, 1, 5, 7, 4, 6])  # within each group of 4
+  out_p = model(x[perm], t[perm], y[perm], group_size=4, sample_ids=ids[perm])
+  np.testing.assert_allclose(out_p, out[perm], rtol=1e-5, atol=1e-5)
+
+
+def test_images_interact_only_within_their_group():
+  model, _ = _tiny()
+  x, t, y = _inputs()
+  ids = jnp.array([0, 1, 2, 3, 0, 1, 2, 3])
+  out = model(x, t, y, group_size=4, sample_ids=ids)
+  x2 = x.at[5].add(1.0)  # change one image of the second group
+  out2 = model(x2, t, y, group_size=4, sample_ids=ids)
+  np.testing.assert_array_equal(out2[:4], out[:4])               # first group untouched
+  for i in (4, 6, 7):                                            # its group-mates change
+    assert float(jnp.abs(out2[i] - out[i]).max()) > 1e-3
+  # With group size 1 nobody else changes.
+  solo = model(x, t, y, group_size=1, sample_ids=ids)
+  solo2 = model(x2, t, y, group_size=1, sample_ids=ids)
+  np.testing.assert_array_equal(np.delete(np.asarray(solo2), 5, 0), np.delete(np.asarray(solo), 5, 0))
+
+
+def test_sample_ids_are_a_fresh_permutation_per_group_and_call():
+  model, _ = _tiny()
+  a = np.asarray(model.sample_ids(16, 4, jax.random.PRNGKey(0))).reshape(4, 4)
+  b = np.asarray(model.sample_ids(16, 4, jax.random.PRNGKey(1))).reshape(4, 4)
+  for row in np.concatenate([a, b]):
+    assert sorted(row) == [0, 1, 2, 3]
+  assert not np.array_equal(a, b)
+  singles = np.asarray(model.sample_ids(64, 1, jax.random.PRNGKey(2)))
+  assert set(singles) == {0, 1, 2, 3}  # group size 1: a random id from the whole table
+  x, t, y = _inputs()
+  r1 = model(x, t, y, group_size=4, rng=jax.random.PRNGKey(0))
+  r2 = model(x, t, y, group_size=4, rng=jax.random.PRNGKey(1))
+  assert float(jnp.abs(r1 - r2).max()) > 0  # the ids reach the output through adaLN
+
+
+def test_fixed_sample_ids_option():
+  model, _ = _tiny(fixed_sample_ids=True)
+  np.testing.assert_array_equal(model.sample_ids(8, 4, None), [0, 1, 2, 3, 0, 1, 2, 3])
+  x, t, y = _inputs()
+  np.testing.assert_array_equal(model(x, t, y, group_size=4),
+                                model(x, t, y, group_size=4, sample_ids=jnp.tile(jnp.arange(4), 2)))
+
+
+def test_learn_sigma_and_noise_at_0_convention():
+  model, cfg = _tiny(learn_sigma=True)
+  x, t, y = _inputs()
+  ids = jnp.zeros(8, jnp.int32)
+  out = model(x, t, y, group_size=1, sample_ids=ids)
+  assert out.shape == (8, 8, 8, 8)
+  flipped = sit.SiT.__new__(sit.SiT)
+  flipped.__dict__.update(model.__dict__)
+  flipped.cfg = sit.SiTConfig(**{**cfg.__dict__, 'time_convention': 'noise_at_0'})
+  out0 = flipped(x, 1.0 - t, y, group_size=1, sample_ids=ids)
+  np.testing.assert_allclose(out0[..., :4], -out[..., :4], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out0[..., 4:], out[..., 4:], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('bad,message', [
+    ('SiT-XXL/2', 'unknown model name'), ('GiT-XL/2', 'unknown model name'), ('SiT-XL', 'unknown'),
+])
+def test_unknown_model_names(bad, message):
+  with pytest.raises(sit.ModelConfigError, match=message):
+    sit.parse_name(bad)
+
+
+def test_sizes_by_name():
+  assert sit.parse_name('SiT-XL/2') == ('SiT', 28, 1152, 16, 2)
+  assert sit.parse_name('DiT-B/4') == ('DiT', 12, 768, 12, 4)
+  assert sit.parse_name('SiT-S/8') == ('SiT', 12, 384, 6, 8)
+  assert sit.parse_name('SiT-L/2')[1:4] == (24, 1024, 16)
+
+
+def test_bad_group_sizes():
+  model, _ = _tiny()
+  x, t, y = _inputs(6)
+  with pytest.raises(ValueError, match='group size 4 does not divide the batch of 6'):
+    model(x, t, y, group_size=4, rng=jax.random.PRNGKey(0))
+  x, t, y = _inputs(8)
+  with pytest.raises(ValueError, match='exceeds model.max_group_size'):
+    model(x, t, y, group_size=8, rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match='pass rng'):
+    model(x, t, y, group_size=4)
