@@ -97,8 +97,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
   """Pure dict of NamedSharding for an nnx.State, from each variable's logical axis names."""
-  specs = nnx.get_partition_spec(state).to_pure_dict()
-  shapes = jax.tree.map(lambda v: v.shape, state.to_pure_dict())
+  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  shapes = jax.tree.map(lambda v: v.shape, nnx.to_pure_dict(state))
   return jax.tree.map(
       lambda spec, shape: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh, shape)),
       specs, shapes, is_leaf=lambda x: isinstance(x, P))

@@ -64,7 +64,7 @@ def build(config, mesh: Mesh) -> Trainer:
   abstract_model = jax.eval_shape(lambda: sit.create(model_cfg, config.seed))
   graphdef, abstract_vars = nnx.split(abstract_model)
   param_sh = sharding.param_shardings(abstract_vars, mesh, rules)
-  abstract_params = abstract_vars.to_pure_dict()
+  abstract_params = nnx.to_pure_dict(abstract_vars)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_sh,
                                  transform_non_params=lambda _: sharding.replicated(mesh))
@@ -82,7 +82,7 @@ def init_state(trainer: Trainer, seed: int, params: dict | None = None) -> State
   """Creates the state directly sharded on the mesh (no host copy of the full model)."""
   def init(params):
     if params is None:
-      params = nnx.split(sit.create(trainer.model_cfg, seed))[1].to_pure_dict()
+      params = nnx.to_pure_dict(nnx.state(sit.create(trainer.model_cfg, seed)))
     return {'step': jnp.zeros((), jnp.int32), 'params': params,
             'opt_state': trainer.tx.init(params), 'ema': jax.tree.map(jnp.copy, params)}
 

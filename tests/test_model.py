@@ -55,7 +55,7 @@ def test_output_is_zero_at_official_init():
 
 def test_official_initialisation():
   cfg = sit.SiTConfig(depth=3, hidden=64, heads=4, patch=2, input_size=8, num_classes=10)
-  params = nnx.state(sit.create(cfg), nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(sit.create(cfg), nnx.Param))
   qkv = np.asarray(params['blocks']['qkv']['kernel'])
   assert qkv.shape == (3, 64, 192)
   bound = math.sqrt(6 / (64 + 192))  # xavier uniform of the (D, 3D) matrix
@@ -94,8 +94,8 @@ def test_group_size_one_equals_plain_sit():
   grouped, _ = _tiny(max_group_size=4)
   plain = nnx.merge(*nnx.split(_tiny(max_group_size=0)[0]))
   # Same backbone weights; the GroupDiff model's sample table zeroed makes it plain SiT.
-  g_state = nnx.state(grouped).to_pure_dict()
-  p_state = nnx.state(plain).to_pure_dict()
+  g_state = nnx.to_pure_dict(nnx.state(grouped))
+  p_state = nnx.to_pure_dict(nnx.state(plain))
   g_state = {k: v for k, v in g_state.items() if k != 'sample_embedder'}
   nnx.update(plain, jax.tree.map(jnp.asarray, g_state))
   grouped.sample_embedder.embedding_table[...] = jnp.zeros_like(
