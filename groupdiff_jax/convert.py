@@ -227,16 +227,15 @@ def load_converted(path: str, *, dtype: str = 'float32', prefer_ema: bool = True
                       num_classes=m['num_classes'], learn_sigma=m['learn_sigma'],
                       max_group_size=m['max_group_size'], time_convention=m['time_convention'],
                       dtype=dtype, **overrides)
-  model = sit.create(cfg)
-  state = nnx.state(model, nnx.Param)
+  # Built abstractly: the checkpoint supplies every parameter, so skip the random init.
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: sit.create(cfg)))
   target = nnx.to_pure_dict(state)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params, ema, meta = checkpoint.load_weights(
       path, params=target, shardings=jax.tree.map(lambda _: device, target),
       prefer_ema=prefer_ema)
   nnx.replace_by_pure_dict(state, ema if ema is not None else params)
-  nnx.update(model, state)
-  return model, meta
+  return nnx.merge(graphdef, state), meta
 
 
 # --- command line ---------------------------------------------------------------------------

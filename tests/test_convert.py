@@ -200,7 +200,7 @@ def test_parity_with_diffusers_dit(tmp_path, kind, learn_sigma, fname, wrap):
 
 def _random_params(cfg: sit.SiTConfig, seed: int) -> dict:
   from flax import nnx
-  params = nnx.to_pure_dict(nnx.state(sit.create(cfg), nnx.Param))
+  params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: sit.create(cfg)), nnx.Param))
   leaves, tree = jax.tree.flatten(params)
   rng = np.random.default_rng(seed)
   return jax.tree.unflatten(tree, [rng.standard_normal(l.shape).astype(np.float32)
