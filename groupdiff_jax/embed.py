@@ -1,0 +1,177 @@
+"""Embeds every image of a dataset with DINOv2 or CLIP into L2-normalised float16 shards.
+
+  python -m groupdiff_jax.embed --config=configs/embed_dinov2_folder.py \
+      --config.model_dir=/models/dinov2-large --config.data.path=/data/imagenet/train \
+      --workdir=/data/emb/imagenet_dinov2_l
+
+Writes WORKDIR/manifest.json + embeddings-XXXXX-of-YYYYY.npy (retrieval/embedding_store.py), and
+image_ids.txt for a folder source. Batches are sharded over all devices (a 1-D 'data' mesh); the
+encoder's own preprocessing is applied (host: resize + centre crop in PIL threads; device:
+normalisation). Rerunning the same command resumes: finished shards are skipped.
+"""
+import concurrent.futures
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from groupdiff_jax.models import encoders
+from groupdiff_jax.retrieval import embedding_store, image_sources, preprocess
+from groupdiff_jax.retrieval.errors import InputError
+
+# Manifest fields that must agree for a rerun to resume rather than mix two jobs.
+_IDENTITY = ('dataset', 'encoder', 'n', 'dim', 'dtype', 'shard_size', 'ids', 'id_list_sha1',
+             'preprocess')
+
+
+def _print(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
+      f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def make_embed_fn(encoder: encoders.Encoder, spec: encoders.Preprocess, mesh: Mesh):
+  """jit(state, uint8 [B, H, W, 3]) -> unit-norm float32 [B, D]; B sharded over mesh 'data'."""
+  batch, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+
+  def embed(state, images):
+    e = encoder.apply(state, preprocess.normalise(images, spec)).astype(jnp.float32)
+    return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
+  return jax.jit(embed, in_shardings=(replicated, batch), out_shardings=batch), batch, replicated
+
+
+def _plan(config, source: image_sources.ImageSource, encoder: encoders.Encoder,
+          spec: encoders.Preprocess) -> dict[str, Any]:
+  id_sha = (hashlib.sha1('\n'.join(source.id_list).encode()).hexdigest()
+            if source.id_list is not None else '')
+  return embedding_store.plan_manifest(
+      dataset=source.name, encoder=f'{encoder.kind}:{encoder.name}', n=source.size,
+      dim=encoder.embed_dim, shard_size=config.shard_size, ids=source.ids, source=source.info,
+      id_list_sha1=id_sha, preprocess={'resize': spec.resize, 'crop': spec.crop,
+                                       'mean': list(spec.mean), 'std': list(spec.std)},
+      model_dir=os.path.abspath(config.model_dir), compute_dtype=config.dtype)
+
+
+def _check_resume(workdir: str, plan: dict[str, Any]) -> None:
+  """A workdir may hold the same job (resume) or nothing; never another job's shards."""
+  if not os.path.exists(os.path.join(workdir, embedding_store.MANIFEST)):
+    return
+  old = embedding_store.read_manifest(workdir)
+  diff = [k for k in _IDENTITY if old.get(k) != plan.get(k)]
+  if diff:
+    raise InputError(f'{workdir} holds embeddings of another job (differs in {", ".join(diff)}: '
+                     f'{old.get(diff[0])!r} vs {plan.get(diff[0])!r}); use another workdir')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        log: Callable[[str], None] = _print) -> dict[str, Any]:
+  """Embeds the configured dataset into workdir; returns the manifest."""
+  if not workdir:
+    raise InputError('--workdir is not set')
+  if not config.model_dir:
+    raise InputError('config.model_dir is not set (a Hugging Face DINOv2/CLIP folder)')
+  if jax.process_count() > 1:
+    raise InputError('embed runs as one process (it uses all of that process\'s devices)')
+  source = image_sources.open_source(config.data)
+  try:
+    encoder = encoders.load_encoder(config.model_dir, kind=config.encoder_kind or None,
+                                    dtype=jnp.dtype(config.dtype))
+  except (FileNotFoundError, KeyError, ValueError) as e:
+    raise InputError(f'encoder {config.model_dir}: {e}') from None
+  spec = encoder.preprocess
+  if config.resize or config.crop:  # e.g. DINOv2 at 448 px: position embeddings interpolate
+    spec = encoders.Preprocess(config.resize or spec.resize, config.crop or spec.crop,
+                               spec.mean, spec.std)
+  manifest = _plan(config, source, encoder, spec)
+  _check_resume(workdir, manifest)
+  embedding_store.write_manifest(workdir, manifest)
+  if source.id_list is not None:
+    _write_lines(os.path.join(workdir, 'image_ids.txt'), source.id_list)
+
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  fn, batch_sharding, replicated = make_embed_fn(encoder, spec, mesh)
+  state = jax.device_put(encoder.state, replicated)
+  ndev = mesh.devices.size
+  bsz = -(-config.batch_size // ndev) * ndev  # every device gets the same number of rows
+
+  shards = manifest['shards']
+  todo = [s for s in shards if not embedding_store.shard_done(workdir, s, manifest['dim'])]
+  total = sum(s['count'] for s in todo)
+  log(f'embed: {source.name}: {source.size} images -> {len(shards)} shards of '
+      f'{config.shard_size} ({len(shards) - len(todo)} already done), encoder '
+      f'{manifest["encoder"]} dim {manifest["dim"]}, batch {bsz} over {ndev} devices')
+
+  def prepare(i: int) -> np.ndarray:
+    try:
+      return preprocess.resize_and_crop(source.load(i), spec)
+    except InputError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      where = source.id_list[i] if source.id_list is not None else f'record {i}'
+      raise RuntimeError(f'image id {i} ({where}): {e}') from e
+
+  t0, done, last_log = time.time(), 0, 0.0
+  with concurrent.futures.ThreadPoolExecutor(max(1, config.num_workers)) as pool:
+    for shard in todo:
+      ids = range(shard['start'], shard['start'] + shard['count'])
+      batches = [ids[j:j + bsz] for j in range(0, len(ids), bsz)]
+      out = np.empty((len(ids), manifest['dim']), np.float32)
+      pending = [pool.submit(prepare, i) for i in batches[0]]
+      for bi, batch in enumerate(batches):
+        images = np.stack([f.result() for f in pending])
+        if bi + 1 < len(batches):  # decode the next batch while the devices run this one
+          pending = [pool.submit(prepare, i) for i in batches[bi + 1]]
+        if len(images) < bsz:
+          images = np.concatenate([images, np.zeros((bsz - len(images),) + images.shape[1:],
+                                                    np.uint8)])
+        emb = fn(state, jax.device_put(images, batch_sharding))
+        row = batch.start - shard['start']
+        out[row:row + len(batch)] = np.asarray(emb)[:len(batch)]
+        done += len(batch)
+        now = time.time()
+        if now - last_log >= config.log_every_s or done == total:
+          last_log, rate = now, done / max(now - t0, 1e-9)
+          log(f'embed: {done}/{total} images ({100 * done / max(total, 1):.1f}%) '
+              f'shard {shards.index(shard) + 1}/{len(shards)} {rate:.1f} img/s '
+              f'ETA {_duration((total - done) / max(rate, 1e-9))}')
+      embedding_store.write_shard(workdir, shard, out, manifest['dtype'])
+  log(f'embed: done, {len(shards)} shards in {workdir} ({_duration(time.time() - t0)} this run)')
+  return manifest
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except InputError as e:
+    raise SystemExit(f'embed: error: {e}') from None
+
+
+if __name__ == '__main__':
+  # Flags are defined only when run as a program: importing this module (tests, other
+  # commands that also define --config) must not register them.
+  config_flags.DEFINE_config_file('config', None, 'embed config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory that receives the embedding shards.')
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

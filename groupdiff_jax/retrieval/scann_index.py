@@ -1,0 +1,101 @@
+"""ScaNN backend: tree partitioning + anisotropic asymmetric hashing + exact float32 reorder.
+
+Parameters follow ScaNN's rules of thumb (docs/algorithms.md), derived from n and tuned on
+clustered 1024-d data (BENCHMARKS.md, "Neighbour index (issue 4)"); every one can be overridden by
+a config key of the same name. scann is imported lazily: it is a Linux-only wheel and only this
+backend needs it.
+"""
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+# Keys a config may override; None means "derive from n" (see derive_params).
+PARAM_KEYS = ('num_leaves', 'leaves_to_search', 'training_sample_size', 'training_iterations',
+              'min_partition_size', 'dims_per_block', 'anisotropic_threshold', 'hash_type',
+              'reorder', 'reorder_dtype', 'soar_lambda', 'num_threads', 'seed')
+
+
+def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Index parameters for n points and k results; `overrides` (non-None values) win."""
+  leaves = max(2, min(n // 40, round(1.5 * math.sqrt(n))))
+  params = {
+      'num_leaves': leaves,
+      # Searching ~4% of the leaves: cluster members sit in a handful of neighbouring leaves.
+      'leaves_to_search': max(8, min(leaves, round(0.04 * leaves))),
+      # k-means cost is sample x leaves x dim per iteration; 250k is ScaNN's suggestion at ~1M.
+      'training_sample_size': min(n, 250_000),
+      'training_iterations': 10,
+      # ScaNN re-splits leaves smaller than this with an entropy-seeded RNG, which makes builds
+      # (and so the neighbour file) differ between runs; 1 disables that and keeps them identical.
+      'min_partition_size': 1,
+      'dims_per_block': 2,
+      'anisotropic_threshold': 0.2,
+      'hash_type': 'lut16',
+      # Exact rescoring of the AH candidates: this is what makes the returned sims exact.
+      'reorder': max(250, 3 * (k + 1)),
+      'reorder_dtype': 'float32',
+      'soar_lambda': None,
+      'num_threads': os.cpu_count() or 1,
+      'seed': 1,
+  }
+  for key, value in (overrides or {}).items():
+    if key not in params:
+      raise KeyError(f'unknown ScaNN parameter {key!r}; known: {", ".join(PARAM_KEYS)}')
+    if value is not None:
+      params[key] = value
+  params['leaves_to_search'] = min(params['leaves_to_search'], params['num_leaves'])
+  return params
+
+
+def build(database: np.ndarray, k: int, params: dict[str, Any]):
+  """A ScaNN searcher over unit-norm float32 rows, scoring by dot product (= cosine)."""
+  import scann  # pylint: disable=import-outside-toplevel  (lazy: optional Linux-only wheel)
+  reorder_types = {'float32': scann.scann_ops_pybind.scann_builder.ReorderType.FLOAT32,
+                   'bfloat16': scann.scann_ops_pybind.scann_builder.ReorderType.BFLOAT16,
+                   'int8': scann.scann_ops_pybind.scann_builder.ReorderType.INT8}
+  p = params
+  builder = scann.scann_ops_pybind.builder(database, k + 1, 'dot_product')
+  builder = builder.tree(
+      num_leaves=p['num_leaves'], num_leaves_to_search=p['leaves_to_search'],
+      training_sample_size=p['training_sample_size'],
+      training_iterations=p['training_iterations'],
+      min_partition_size=p['min_partition_size'], soar_lambda=p['soar_lambda'])
+  builder = builder.score_ah(p['dims_per_block'],
+                             anisotropic_quantization_threshold=p['anisotropic_threshold'],
+                             training_sample_size=p['training_sample_size'],
+                             hash_type=p['hash_type'])
+  builder = builder.reorder(p['reorder'], quantize=reorder_types[p['reorder_dtype']])
+  config = builder.create_config()
+  # The partitioner's clustering_seed defaults to 0, which ScaNN treats as "seed from entropy":
+  # builds then differ from run to run. A fixed seed makes the neighbour file reproducible.
+  config = config.replace('partitioning {', f'partitioning {{\n clustering_seed: {p["seed"]}', 1)
+  searcher = scann.scann_ops_pybind.create_searcher(database, config, p['num_threads'])
+  searcher.set_num_threads(p['num_threads'])
+  return searcher
+
+
+def search_all(searcher, blocks: Iterable[tuple[int, np.ndarray]], n: int, k: int,
+               params: dict[str, Any], log: Callable[[str], None] | None = print
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Top k+1 (self included) of every id; `blocks` yields (start id, unit-norm float32 rows)."""
+  ids = np.empty((n, k + 1), np.int32)
+  sims = np.empty((n, k + 1), np.float32)
+  t0, done = time.time(), 0
+  for start, rows in blocks:
+    idx, dist = searcher.search_batched_parallel(
+        rows, final_num_neighbors=k + 1, pre_reorder_num_neighbors=params['reorder'],
+        leaves_to_search=params['leaves_to_search'], batch_size=256)
+    if idx.shape[1] < k + 1:  # fewer candidates than asked: too few leaves searched
+      raise RuntimeError(f'ScaNN returned {idx.shape[1]} < {k + 1} results; raise '
+                         'leaves_to_search or reorder')
+    ids[start:start + len(rows)], sims[start:start + len(rows)] = idx, dist
+    done += len(rows)
+    if log:
+      el = time.time() - t0
+      log(f'scann: queried {done}/{n} ({100 * done / n:.1f}%) {done / el:.0f} q/s '
+          f'ETA {(n - done) * el / done:.0f}s')
+  return ids, sims
