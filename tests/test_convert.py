@@ -344,3 +344,79 @@ def test_cli_converts_and_reports_flags(tmp_path):
   # A second run onto the same --out refuses and leaves the first checkpoint alone.
   again = _cli(f'--src={src}', '--kind=dit', f'--out={out}', f'--heads={HEADS}')
   assert again.returncode != 0 and 'not empty' in again.stderr
+
+
+# --- the DDPM that converted DiT checkpoints fine-tune and sample with ------------------------
+
+def test_ddpm_step_matches_diffusers_scheduler():
+  diffusers = pytest.importorskip('diffusers', reason='needs diffusers')
+  from groupdiff_jax import dit_diffusion
+  sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear',
+                                  beta_start=1e-4, beta_end=0.02, variance_type='learned_range',
+                                  clip_sample=False, prediction_type='epsilon')
+  # DiT builds its tables in float64; diffusers' float32 cumprod loses ~1e-4 relative near t=0
+  # (1 - alpha_bar ~ 1e-4), so run the reference in float64 for a like-for-like comparison.
+  sched.betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+  sched.alphas = 1.0 - sched.betas
+  sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
+  sched.one = torch.tensor(1.0, dtype=torch.float64)
+  ddpm = dit_diffusion.DDPM.create()
+  rng = np.random.default_rng(0)
+  for t in (999, 500, 37, 1):
+    x = rng.standard_normal((2, 4, 4, CH)).astype(np.float32)
+    out = np.concatenate([rng.standard_normal((2, 4, 4, CH)),
+                          rng.uniform(-1, 1, (2, 4, 4, CH))], -1).astype(np.float32)
+    noise = torch.randn((2, CH, 4, 4), generator=torch.Generator().manual_seed(t),
+                        dtype=torch.float64)
+    theirs = sched.step(_nchw_t(out).double(), t, _nchw_t(x).double(),
+                        generator=torch.Generator().manual_seed(t)).prev_sample
+    ours = ddpm.p_sample(jnp.asarray(out), jnp.asarray(x), jnp.full((2,), t),
+                         jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)))
+    assert rel_err(ours, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-5, t
+
+
+def _nchw_t(a):
+  return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+
+def test_ddpm_respacing_and_loss():
+  from groupdiff_jax import dit_diffusion
+  base, spaced = dit_diffusion.DDPM.create(), dit_diffusion.DDPM.create(respacing='250')
+  assert spaced.num_steps == 250 and spaced.timestep_map[0] == 0 and spaced.timestep_map[-1] == 999
+  np.testing.assert_allclose(np.cumprod(1 - spaced.betas),
+                             np.cumprod(1 - base.betas)[spaced.timestep_map], rtol=1e-12)
+  # A model that predicts the true eps and the true posterior variance (v = -1) has zero loss
+  # for t >= 1 (the KL of identical Gaussians); t = 0 scores the decoder NLL instead.
+  rng = np.random.default_rng(1)
+  x0 = jnp.asarray(rng.uniform(-1, 1, (4, 4, 4, CH)), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal((4, 4, 4, CH)), jnp.float32)
+  t = jnp.array([999, 400, 1, 0])
+  x_t = base.q_sample(x0, t, noise)
+  out = jnp.concatenate([noise, -jnp.ones_like(noise)], -1)
+  terms = base.training_losses(out, x0, x_t, t, noise)
+  assert float(jnp.abs(terms['mse']).max()) == 0.0
+  np.testing.assert_allclose(np.asarray(terms['vb'][:3]), 0.0, atol=1e-4)
+  assert float(terms['vb'][3]) > 0
+  grads = jax.grad(lambda o: base.training_losses(o, x0, x_t, t, noise)['vb'].sum())(out)
+  assert float(jnp.abs(grads[..., :CH]).max()) == 0.0  # the VLB trains only the variance
+
+
+def test_converted_dit_samples_with_ddpm(tmp_path):
+  from groupdiff_jax import dit_diffusion
+  src, out = str(tmp_path / 'dit.pt'), str(tmp_path / 'ckpt')
+  _save(src, {k: v if k == 'pos_embed' else v * 0.05  # tame the random outputs
+              for k, v in _official(learn_sigma=True).items()})
+  convert.convert_file(src, 'dit', out, heads=HEADS, max_group_size=0, verbose=False)
+  model, meta = convert.load_converted(out)
+  assert meta['objective'] == 'ddpm_eps_learned_variance'
+  sampler = dit_diffusion.DDPM.create(respacing='4')
+  y = jnp.array([1, 2])
+  noise = jax.random.normal(jax.random.key(0), (2, SIDE, SIDE, CH))
+
+  def model_fn(x, t):
+    cond, uncond = model(x, t, y), model(x, t, jnp.full_like(y, 1000))
+    return dit_diffusion.guided_output(cond, uncond, 1.5, CH)
+
+  x0 = jax.jit(lambda n, k: sampler.sample(model_fn, n, k))(noise, jax.random.key(1))
+  assert x0.shape == (2, SIDE, SIDE, CH) and bool(jnp.isfinite(x0).all())
+  assert list(sampler.timestep_map) == [0, 333, 666, 999]
