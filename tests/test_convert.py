@@ -10,6 +10,7 @@ Two known differences between diffusers and the official DiT are bridged explici
     separately that diffusers' features with shift 0 equal `sit.timestep_features`.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -420,3 +421,41 @@ def test_converted_dit_samples_with_ddpm(tmp_path):
   x0 = jax.jit(lambda n, k: sampler.sample(model_fn, n, k))(noise, jax.random.key(1))
   assert x0.shape == (2, SIDE, SIDE, CH) and bool(jnp.isfinite(x0).all())
   assert list(sampler.timestep_map) == [0, 333, 666, 999]
+
+
+# --- a converted checkpoint fine-tunes with the trainer ---------------------------------------
+
+def test_converted_checkpoint_fine_tunes_with_main(tmp_path):
+  """The documented path: convert an original-SiT file, then `groupdiff_jax.main` with
+  --config.init_from and exactly the --config.model.* flags the converter printed."""
+  # A SiT (noise at t=0) shaped for configs/demo.py's data: 16x16x1 digits, 10 classes.
+  cfg = sit.SiTConfig(depth=2, hidden=32, heads=2, patch=4, input_size=16, in_channels=1,
+                      num_classes=10, learn_sigma=False, max_group_size=0)
+  params = jax.tree.map(lambda a: a * 0.3, _random_params(cfg, seed=5))
+  src, out, workdir = str(tmp_path / 'sit.pt'), str(tmp_path / 'ckpt'), str(tmp_path / 'run')
+  _save(src, convert.params_to_official(params, cfg))
+  proc = _cli(f'--src={src}', '--kind=sit', f'--out={out}', '--heads=2')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith('fine-tune with: '))
+  model_flags = line[len('fine-tune with: '):].split()
+  assert f'--config.init_from={out}' in model_flags
+  assert '--config.model.time_convention=noise_at_0' in model_flags
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  train = subprocess.run(
+      [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/demo.py',
+       f'--workdir={workdir}', *model_flags, '--config.total_steps=3',
+       '--config.log_every_steps=1', '--config.ckpt_every_steps=3', '--config.data.global_batch=32',
+       '--config.sample.write_grid=False'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert train.returncode == 0, (train.stdout[-2000:], train.stderr[-4000:])
+  assert f'fine-tuning from {out}' in train.stdout
+  losses = [json.loads(l)['loss'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert len(losses) == 3 and all(np.isfinite(losses))
+  # The run started from the converted weights: after 3 small steps it is still next to them.
+  converted, _ = convert.load_converted(out)
+  trained, meta = convert.load_converted(workdir, prefer_ema=False)
+  assert meta['model']['time_convention'] == 'noise_at_0' and meta['step'] == 3
+  from flax import nnx
+  a, b = (jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param))) for m in (converted, trained))
+  drift = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b))
+  assert 0 < drift < 0.02, drift
