@@ -59,7 +59,17 @@ KINDS = {
         'REPA uses our convention (noise at t=1); its projector heads (REPA alignment loss) are '
         'dropped, as GroupDiff does when it fine-tunes from REPA.')),
     'groupdiff': Kind('SiT', 'noise_at_1', 'noise_at_1', 'flow_velocity', strip=('denoiser.',),
-                      note='GroupDiff uses our convention (noise at t=1).'),
+                      note='GroupDiff-SiT uses our convention (noise at t=1).'),
+    # GroupDiff's DiT release (gdiff-l-4-dit-xl-2-resume.pth): GroupDiff names, DiT's DDPM.
+    'groupdiff_dit': Kind('DiT', 'noise_at_1', 'ddpm_1000', 'ddpm_eps_learned_variance',
+                          strip=('denoiser.',), note=DIT_NOTE),
+}
+# Output heads that suggest another kind: (kind, learn_sigma) -> advice.
+KIND_HINTS = {
+    ('groupdiff', True): 'the file has 8 output channels (learned sigma), as GroupDiff-DiT: if it '
+                         'is a DiT (DDPM) checkpoint, convert it with --kind=groupdiff_dit',
+    ('dit', False): 'the file has no learned-sigma channels, which the DiT DDPM sampler needs; '
+                    'the backbone converts, but dit_diffusion cannot use it',
 }
 DEFAULT_GROUP_TABLE = 4  # rows of a fresh sample-embedding table (GroupDiff's num_max_sample)
 
@@ -147,6 +157,8 @@ def convert_state_dict(params_sd: dict, kind: str, *, ema_sd: dict | None = None
       out[label] = convert_keys.official_to_params(sd, cfg)
     except ConversionError as e:
       raise ConversionError(f'{label}: {e}') from e
+  if (kind, cfg.learn_sigma) in KIND_HINTS:
+    notes.append('WARNING: ' + KIND_HINTS[kind, cfg.learn_sigma])
   if spec.note:
     notes.append(spec.note)
   return Converted(cfg, info.model_name(spec.family), out['params'], out.get('ema'), notes)
@@ -254,8 +266,10 @@ def define_flags() -> None:
                        'table (groupdiff) or adds a fresh 4-row one; 0 omits it')
   flags.DEFINE_enum('sample_init', 'normal', list(SAMPLE_INITS), 'init of an added sample-'
                     'embedding table: normal = GroupDiff recipe, zeros = exactly the file\'s model')
-  flags.DEFINE_bool('drop_sigma', False, 'drop the learned-sigma output channels (SiT ignores them)')
-  flags.DEFINE_bool('allow_pickle', False, 'torch.load with weights_only=False (trusted files only)')
+  flags.DEFINE_bool('drop_sigma', False,
+                    'drop the learned-sigma output channels (SiT ignores them)')
+  flags.DEFINE_bool('allow_pickle', False,
+                    'torch.load with weights_only=False (trusted files only)')
   flags.DEFINE_integer('seed', 0, 'seed of a freshly added sample-embedding table')
 
 

@@ -239,8 +239,9 @@ def check(sd: dict[str, np.ndarray], cfg: sit.SiTConfig) -> None:
     theirs = np.asarray(sd[POS_EMBED], np.float32).reshape(-1, cfg.hidden)
     if theirs.shape != ours.shape or np.abs(theirs - ours).max() > 1e-4:
       # Not loaded, but a different table means the file's model computes another function.
+      grid = cfg.input_size // cfg.patch
       lines.append(f'pos_embed {tuple(sd[POS_EMBED].shape)} differs from the 2-D sin-cos table '
-                   f'this model recomputes (grid {cfg.input_size // cfg.patch}, hidden {cfg.hidden})')
+                   f'this model recomputes (grid {grid}, hidden {cfg.hidden})')
   if lines:
     raise ConversionError(f'state dict does not match {describe(cfg)}:\n  ' + '\n  '.join(lines))
 

@@ -143,7 +143,8 @@ class DDPM:
     frac = (v + 1.0) / 2.0
     log_var = (frac * self._at('log_betas', t, x_t.ndim)
                + (1.0 - frac) * self._at('post_log_var', t, x_t.ndim))
-    x0 = self._at('sqrt_recip_ac', t, x_t.ndim) * x_t - self._at('sqrt_recipm1_ac', t, x_t.ndim) * eps
+    x0 = (self._at('sqrt_recip_ac', t, x_t.ndim) * x_t
+          - self._at('sqrt_recipm1_ac', t, x_t.ndim) * eps)
     mean, _ = self.q_posterior(x0, x_t, t)
     return mean, log_var, x0
 

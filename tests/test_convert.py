@@ -137,6 +137,7 @@ CASES = [
     ('sit', True, 'sit.pt', 'train'),
     ('repa', False, 'repa.pt', 'ema_only'),
     ('groupdiff', False, 'gdiff.pth', 'groupdiff'),
+    ('groupdiff_dit', True, 'gdiff_dit.pth', 'groupdiff'),
 ]
 
 
@@ -148,7 +149,7 @@ def test_parity_with_diffusers_dit(tmp_path, kind, learn_sigma, fname, wrap):
   sd['pos_embed'] = sit.sincos_pos_embed(HIDDEN, SIDE // PATCH)[None]
   if kind == 'repa':  # REPA's projector heads must be dropped
     sd['projectors.0.0.weight'] = rng.standard_normal((64, HIDDEN)).astype(np.float32)
-  if kind == 'groupdiff':
+  if kind.startswith('groupdiff'):
     # GroupDiff adds s_emb[id] to the conditioning; with fixed ids (all 0 at group size 1) the
     # reference sees the same sum when s_emb[0] is folded into its label table.
     table = rng.standard_normal((4, HIDDEN)).astype(np.float32)
@@ -173,14 +174,15 @@ def test_parity_with_diffusers_dit(tmp_path, kind, learn_sigma, fname, wrap):
                             else v, payload, is_leaf=lambda v: not isinstance(v, dict)), src)
   out = str(tmp_path / 'ckpt')
   # Without a sample table (or with a zero one) the converted model is exactly the file's.
-  table_args = {'groupdiff': {}, 'repa': dict(sample_init='zeros')}.get(kind, dict(max_group_size=0))
+  table_args = {'groupdiff': {}, 'groupdiff_dit': {},
+                'repa': dict(sample_init='zeros')}.get(kind, dict(max_group_size=0))
   meta = convert.convert_file(src, kind, out, heads=HEADS, verbose=False, **table_args)
   assert meta['model']['learn_sigma'] == learn_sigma
   assert meta['model']['time_convention'] == convert.KINDS[kind].time_convention
   assert meta['time_convention'] == convert.KINDS[kind].meta_time
   assert meta['has_ema'] == (wrap in ('train', 'groupdiff'))
   model, _ = convert.load_converted(out, fixed_sample_ids=True)
-  ddpm_time = kind == 'dit'
+  ddpm_time = convert.KINDS[kind].meta_time == 'ddpm_1000'  # integer t in [0, 999]
   for trial in range(3):
     x = rng.standard_normal((3, SIDE, SIDE, CH)).astype(np.float32)
     t = (rng.integers(0, 1000, 3) if ddpm_time else rng.uniform(0, 1, 3)).astype(np.float32)
@@ -267,7 +269,8 @@ def _expect_failure(tmp_path, sd, *, match: list[str], kind='dit', fname='bad.pt
     convert.convert_file(src, kind, out, heads=HEADS, verbose=False)
   for text in match:
     assert text in str(err.value), str(err.value)
-  assert not os.path.exists(out) and not any(p.name.startswith('out.tmp') for p in tmp_path.iterdir())
+  assert not os.path.exists(out)
+  assert not any(p.name.startswith('out.tmp') for p in tmp_path.iterdir())
 
 
 def test_missing_key(tmp_path):

@@ -31,7 +31,8 @@ def reference(tmp_path_factory):
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'norm' in name:  # GroupNorm affine: away from the (1, 0) init so it is exercised
-        p.copy_((1.0 if name.endswith('weight') else 0.0) + 0.2 * torch.randn(p.shape, generator=gen))
+        base = 1.0 if name.endswith('weight') else 0.0
+        p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
       else:
         fan_in = p[0].numel() if p.ndim > 1 else 64
         p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
