@@ -25,16 +25,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.threshold = 0.7        # ... with cosine similarity >= threshold (the paper's 0.7)
 
   c.scann = ml_collections.ConfigDict()
-  c.scann.num_leaves = config_dict.placeholder(int)            # ~1.5 sqrt(n)
-  c.scann.leaves_to_search = config_dict.placeholder(int)
+  c.scann.num_leaves = config_dict.placeholder(int)            # ~sqrt(n)
+  c.scann.leaves_to_search = config_dict.placeholder(int)      # ~1% of the leaves, >= 8
   c.scann.training_sample_size = config_dict.placeholder(int)
   c.scann.training_iterations = config_dict.placeholder(int)
-  c.scann.min_partition_size = config_dict.placeholder(int)
+  c.scann.min_partition_size = config_dict.placeholder(int)    # 1 (> 1 breaks reproducibility)
+  c.scann.quantize_centroids = config_dict.placeholder(bool)   # int8 centroid scoring
   c.scann.dims_per_block = config_dict.placeholder(int)        # 2
   c.scann.anisotropic_threshold = config_dict.placeholder(float)  # 0.2
   c.scann.hash_type = config_dict.placeholder(str)             # lut16 | lut256
+  c.scann.residual_quantization = config_dict.placeholder(bool)  # False: saves memory
   c.scann.reorder = config_dict.placeholder(int)               # candidates rescored exactly
   c.scann.reorder_dtype = config_dict.placeholder(str)         # float32 (exact) | bfloat16 | int8
   c.scann.soar_lambda = config_dict.placeholder(float)         # SOAR spilling (off by default)
   c.scann.num_threads = config_dict.placeholder(int)           # default: all cores
+  c.scann.seed = config_dict.placeholder(int)                  # k-means seed (1)
   return c

@@ -34,6 +34,10 @@ def peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _memory() -> str:
+  return f'(RSS peak so far {peak_rss_gb():.2f} GB)'
+
+
 def _check_output(workdir: str, dataset: str) -> None:
   """Refuses to replace a neighbour file that belongs to another dataset."""
   if not os.path.exists(os.path.join(workdir, 'header.json')):
@@ -76,14 +80,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     raise InputError(f'config: unknown backend or parameter {e}; backends: auto, '
                      f'{", ".join(backends.BACKENDS)}') from None
   log(f'neighbors: {emb.dataset} ({emb.encoder}) n={emb.n} dim={emb.dim} K={k} backend={name}')
-  db = emb.load_float32()                          # values: NaN/Inf and zero norms
+  # Values (NaN/Inf, zero norms) are checked while loading. No reference is kept here: the
+  # backend may drop the array once its index holds a copy (ScaNN), halving peak memory.
+  handoff = backends.Handoff(emb.load_float32())
   t_loaded = time.time()
-  log(f'neighbors: embeddings loaded and checked in {t_loaded - t_start:.1f}s')
+  log(f'neighbors: embeddings loaded and checked in {t_loaded - t_start:.1f}s {_memory()}')
 
-  ids, sims = backends.BACKENDS[name].run(emb, backends.Handoff(db), k, params, log)
-  del db
+  ids, sims = backends.BACKENDS[name].run(emb, handoff, k, params, log)
   t_index = time.time()
-  log(f'neighbors: top-{k} of {emb.n} images in {t_index - t_loaded:.1f}s')
+  log(f'neighbors: top-{k} of {emb.n} images in {t_index - t_loaded:.1f}s {_memory()}')
 
   if name == 'exact':
     rec: dict[str, Any] = {'exact': True}
@@ -94,6 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   else:
     rec = {}
   t_recall = time.time()
+  log(f'neighbors: recall measured in {t_recall - t_index:.1f}s {_memory()}')
 
   group = stats.grouping(sims, config.group_size, config.threshold)
   for line in stats.format_grouping(group):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import ROOT, load_config
 from groupdiff_jax import embed, neighbors
-from groupdiff_jax.retrieval import (backends, embedding_store, exact, neighbor_file,
+from groupdiff_jax.retrieval import (embedding_store, exact, neighbor_file, scann_index,
                                      synthetic)
 from groupdiff_jax.retrieval.errors import InputError
 
@@ -88,7 +88,7 @@ def test_streamed_exact_equals_blocked_exact(clustered):
 def test_drop_self_handles_duplicates_and_misses():
   ids = np.array([[0, 7, 8], [5, 1, 9], [4, 6, 2]])   # row 2 lacks itself: drop its last
   sims = np.array([[1., .9, .8], [1., 1., .7], [.9, .8, .7]])
-  out_ids, out_sims = backends.drop_self(ids, sims)
+  out_ids, out_sims = scann_index.drop_self(ids, sims)
   np.testing.assert_array_equal(out_ids, [[7, 8], [5, 9], [4, 6]])
   np.testing.assert_array_equal(out_sims, [[.9, .8], [1., .7], [.9, .8]])
 

@@ -8,6 +8,8 @@ Every backend returns (ids int32 [n, K], sims float32 [n, K]) with the image its
 rows sorted by decreasing cosine similarity, plus the parameters it used (for the file header).
 """
 import dataclasses
+import resource
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,22 +41,6 @@ class Backend:
                 tuple[np.ndarray, np.ndarray]]                    # (set, float32 db, K, params)
 
 
-def drop_self(ids: np.ndarray, sims: np.ndarray, first_id: int = 0
-              ) -> tuple[np.ndarray, np.ndarray]:
-  """[q, K+1] results of queries first_id.. -> [q, K] without each query's own id.
-
-  The query is usually first, but exact duplicates tie with it, and an approximate search may
-  miss it; rows that lack it lose their last (least similar) entry instead.
-  """
-  q, k1 = ids.shape
-  is_self = ids == (first_id + np.arange(q))[:, None]
-  missing = ~is_self.any(axis=1)
-  is_self[missing, k1 - 1] = True
-  is_self &= np.cumsum(is_self, axis=1) == 1  # one column per row, even if the id repeats
-  keep = ~is_self
-  return ids[keep].reshape(q, k1 - 1), sims[keep].reshape(q, k1 - 1)
-
-
 def _exact_params(n: int, k: int, overrides: dict[str, Any]) -> dict[str, Any]:
   del n, k
   return {'block': int(overrides.get('block') or 1024)}
@@ -74,13 +60,14 @@ def _scann_params(n: int, k: int, overrides: dict[str, Any]) -> dict[str, Any]:
 def _scann_run(emb: EmbeddingSet, handoff: Handoff, k: int, params: dict[str, Any], log: Log):
   db = handoff.pop()
   log(f'scann: building index over {db.shape[0]} x {db.shape[1]}: {params}')
+  t0 = time.time()
   searcher = scann_index.build(db, k, params)
+  log(f'scann: index built in {time.time() - t0:.1f}s (RSS peak so far '
+      f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB)')
   # ScaNN holds its own copy; ours goes now and queries are re-read shard by shard (the same
   # unit-norm values), so the search phase holds one float32 copy of the database, not two.
   del db
-  ids, sims = scann_index.search_all(searcher, emb.unit_blocks(), emb.n, k, params, log)
-  del searcher
-  return drop_self(ids, sims)
+  return scann_index.search_all(searcher, emb.unit_blocks(), emb.n, k, params, log)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -144,8 +144,8 @@ class EmbeddingSet:
 
   def check_values(self, block: int = 65536) -> None:
     """Raises InputError naming the first row with NaN/Inf or (near-)zero norm."""
-    for start, _ in self._iter_checked(block):
-      del start
+    for _ in self._iter_checked(block):
+      pass
 
   def load_float32(self, block: int = 65536) -> np.ndarray:
     """All rows as one unit-norm float32 [n, dim] array, checking values on the way."""

@@ -15,30 +15,39 @@ import numpy as np
 
 # Keys a config may override; None means "derive from n" (see derive_params).
 PARAM_KEYS = ('num_leaves', 'leaves_to_search', 'training_sample_size', 'training_iterations',
-              'min_partition_size', 'dims_per_block', 'anisotropic_threshold', 'hash_type',
+              'min_partition_size', 'quantize_centroids', 'dims_per_block',
+              'residual_quantization', 'anisotropic_threshold', 'hash_type',
               'reorder', 'reorder_dtype', 'soar_lambda', 'num_threads', 'seed')
 
 
 def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Index parameters for n points and k results; `overrides` (non-None values) win."""
-  leaves = max(2, min(n // 40, round(1.5 * math.sqrt(n))))
+  # ~sqrt(n) leaves balances the two per-query costs: scoring the leaf centroids (grows with the
+  # number of leaves) and scanning the searched leaves (grows with their size).
+  leaves = max(2, min(n // 20, round(math.sqrt(n))))
   params = {
       'num_leaves': leaves,
-      # Searching ~4% of the leaves: cluster members sit in a handful of neighbouring leaves.
-      'leaves_to_search': max(8, min(leaves, round(0.04 * leaves))),
-      # k-means cost is sample x leaves x dim per iteration; 250k is ScaNN's suggestion at ~1M.
-      'training_sample_size': min(n, 250_000),
-      'training_iterations': 10,
+      # ~1% of the leaves (at least 8). Tuned on clustered data (BENCHMARKS.md): recall@100 ~1
+      # there; harder data may need more, which the printed recall check shows.
+      'leaves_to_search': max(8, round(0.01 * leaves)),
+      # k-means cost is sample x leaves x dim per iteration; 100k samples train ~1k leaves well.
+      'training_sample_size': min(n, 100_000),
+      'training_iterations': 6,
       # ScaNN re-splits leaves smaller than this with an entropy-seeded RNG, which makes builds
       # (and so the neighbour file) differ between runs; 1 disables that and keeps them identical.
       'min_partition_size': 1,
       'dims_per_block': 2,
       'anisotropic_threshold': 0.2,
       'hash_type': 'lut16',
+      # Residual AH (ScaNN's default under a tree) makes a transient float32 copy of the whole
+      # database while building: ~+5 GB at ImageNet size with width 1024, past the 16 GB budget.
+      # Without it recall is unchanged here: the exact reorder repairs the coarser AH ranking.
+      'residual_quantization': False,
       # Exact rescoring of the AH candidates: this is what makes the returned sims exact.
-      'reorder': max(250, 3 * (k + 1)),
+      'reorder': max(200, 2 * (k + 1)),
       'reorder_dtype': 'float32',
       'soar_lambda': None,
+      'quantize_centroids': False,
       'num_threads': os.cpu_count() or 1,
       'seed': 1,
   }
@@ -63,11 +72,13 @@ def build(database: np.ndarray, k: int, params: dict[str, Any]):
       num_leaves=p['num_leaves'], num_leaves_to_search=p['leaves_to_search'],
       training_sample_size=p['training_sample_size'],
       training_iterations=p['training_iterations'],
-      min_partition_size=p['min_partition_size'], soar_lambda=p['soar_lambda'])
+      min_partition_size=p['min_partition_size'], soar_lambda=p['soar_lambda'],
+      quantize_centroids=p['quantize_centroids'])
   builder = builder.score_ah(p['dims_per_block'],
                              anisotropic_quantization_threshold=p['anisotropic_threshold'],
                              training_sample_size=p['training_sample_size'],
-                             hash_type=p['hash_type'])
+                             hash_type=p['hash_type'],
+                             residual_quantization=p['residual_quantization'])
   builder = builder.reorder(p['reorder'], quantize=reorder_types[p['reorder_dtype']])
   config = builder.create_config()
   # The partitioner's clustering_seed defaults to 0, which ScaNN treats as "seed from entropy":
@@ -78,12 +89,32 @@ def build(database: np.ndarray, k: int, params: dict[str, Any]):
   return searcher
 
 
+def drop_self(ids: np.ndarray, sims: np.ndarray, first_id: int = 0
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """[q, K+1] results of queries first_id.. -> [q, K] without each query's own id.
+
+  The query is usually first, but exact duplicates tie with it, and an approximate search may
+  miss it; rows that lack it lose their last (least similar) entry instead.
+  """
+  q, k1 = ids.shape
+  is_self = ids == (first_id + np.arange(q))[:, None]
+  missing = ~is_self.any(axis=1)
+  is_self[missing, k1 - 1] = True
+  is_self &= np.cumsum(is_self, axis=1) == 1  # one column per row, even if the id repeats
+  keep = ~is_self
+  return ids[keep].reshape(q, k1 - 1), sims[keep].reshape(q, k1 - 1)
+
+
 def search_all(searcher, blocks: Iterable[tuple[int, np.ndarray]], n: int, k: int,
                params: dict[str, Any], log: Callable[[str], None] | None = print
                ) -> tuple[np.ndarray, np.ndarray]:
-  """Top k+1 (self included) of every id; `blocks` yields (start id, unit-norm float32 rows)."""
-  ids = np.empty((n, k + 1), np.int32)
-  sims = np.empty((n, k + 1), np.float32)
+  """Top k of every id, itself excluded; `blocks` yields (start id, unit-norm float32 rows).
+
+  Each block asks for k+1 results and drops the query's own id right away (drop_self), so no
+  [n, k+1] intermediate is ever held.
+  """
+  ids = np.empty((n, k), np.int32)
+  sims = np.empty((n, k), np.float32)
   t0, done = time.time(), 0
   for start, rows in blocks:
     idx, dist = searcher.search_batched_parallel(
@@ -92,7 +123,8 @@ def search_all(searcher, blocks: Iterable[tuple[int, np.ndarray]], n: int, k: in
     if idx.shape[1] < k + 1:  # fewer candidates than asked: too few leaves searched
       raise RuntimeError(f'ScaNN returned {idx.shape[1]} < {k + 1} results; raise '
                          'leaves_to_search or reorder')
-    ids[start:start + len(rows)], sims[start:start + len(rows)] = idx, dist
+    stop = start + len(rows)
+    ids[start:stop], sims[start:stop] = drop_self(idx, dist, start)
     done += len(rows)
     if log:
       el = time.time() - t0
