@@ -7,12 +7,15 @@ Layout of a run's checkpoints, `<workdir>/ckpt/<step>/`:
   meta/   JSON: model config, mesh, step, time convention
 A weights-only checkpoint (the converter's output) has `params/`, optionally `ema/`, and `meta/`.
 Restoring takes abstract targets that carry the *current* mesh's shardings, so a run resumes onto
-any mesh shape. A step directory that fails to restore (an interrupted write) is skipped.
+any mesh shape. A step directory that fails to restore (an interrupted write) is skipped and
+renamed to `<step>.unreadable-<time>` (kept for inspection, out of Orbax's view), so the resumed
+run can write that step again.
 """
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -40,6 +43,7 @@ class Checkpointer:
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, read_only=read_only,
         create=not read_only, cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self._read_only = read_only
     self._terminate = threading.Event()
 
   # --- preemption ---------------------------------------------------------------------------
@@ -74,7 +78,8 @@ class Checkpointer:
 
   # --- restore ------------------------------------------------------------------------------
   def steps(self) -> list[int]:
-    return sorted(self.manager.all_steps(read=True))
+    self.manager.reload()  # (all_steps(read=True) is deprecated and logs a warning each call)
+    return sorted(self.manager.all_steps())
 
   def item_names(self, step: int) -> set[str]:
     path = os.path.join(self.directory, str(step))
@@ -86,7 +91,13 @@ class Checkpointer:
 
   def restore_latest(self, *, state: Any, state_shardings: Any, ema: Any,
                      ema_shardings: Any) -> tuple[int, dict] | None:
-    """Restores the newest complete checkpoint: (step, {'state','ema','data','meta'}) or None."""
+    """Restores the newest complete checkpoint: (step, {'state','ema','data','meta'}) or None.
+
+    Newer steps that fail to restore (an interrupted write) are skipped and set aside. When no
+    step restores at all (another optimizer, a tree that does not fit), raises CheckpointError
+    and moves nothing: starting afresh would bury the run's checkpoints under new ones.
+    """
+    failed = []
     for step in reversed(self.steps()):
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
@@ -94,11 +105,40 @@ class Checkpointer:
             ema=ocp.args.StandardRestore(_abstract(ema, ema_shardings)),
             data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning('checkpoint step %d in %s is unreadable (%s: %s); trying an older one',
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        failed.append((step, e))
         continue
+      for bad_step, e in failed:
+        logging.warning('checkpoint step %d in %s is unreadable (%s: %s); restored step %d',
+                        bad_step, self.directory, type(e).__name__, _first_line(e), step)
+        self._set_aside(bad_step)
       return step, dict(out)
+    if failed:
+      step, e = failed[0]
+      raise CheckpointError(
+          f'no checkpoint in {self.directory} can be restored into this config (step {step}: '
+          f'{type(e).__name__}: {_first_line(e)}); resume with the settings it was written '
+          'with (model, optimizer), or use a new --workdir')
     return None
+
+  def _set_aside(self, step: int) -> None:
+    """Renames an unreadable step directory out of the manager's view. Left in place it would
+    stay the 'latest' step and make saving that step again fail (StepAlreadyExistsError)."""
+    path = os.path.join(self.directory, str(step))
+    if self._read_only or not os.path.isdir(path):
+      return
+    if jax.process_index() == 0:
+      aside = f'{path}.unreadable-{int(time.time())}'
+      os.rename(path, aside)
+      logging.warning('moved the unreadable checkpoint step %d to %s', step, aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices(f'groupdiff_ckpt_set_aside_{step}')
+    self.manager.reload()
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0][:limit] if lines else ''
 
 
 def find_checkpoint_dir(path: str) -> str:

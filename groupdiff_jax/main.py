@@ -8,7 +8,7 @@ SLURM/OpenMPI environment that jax.distributed.initialize detects).
 """
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'A config file from configs/.', lock_config=True)
@@ -33,6 +33,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv):
   del argv
+  if not FLAGS['verbosity'].present:  # progress lines are print()s on stdout; keep stderr for
+    logging.set_verbosity(logging.WARNING)  # problems (Orbax logs INFO per save otherwise)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)

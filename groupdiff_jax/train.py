@@ -46,10 +46,15 @@ def run_meta(config: ml_collections.ConfigDict, mesh) -> dict:
 
 def check_same_model(ckpt: checkpoint.Checkpointer, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a workdir whose checkpoints belong to another model."""
-  steps = ckpt.steps()
-  if not steps:
+  saved = None
+  for step in reversed(ckpt.steps()):  # the newest readable metadata (skip a half-written step)
+    try:
+      saved = ckpt.read_meta(step).get('model', {})
+      break
+    except Exception:  # pylint: disable=broad-except
+      continue
+  if saved is None:
     return
-  saved = ckpt.read_meta(steps[-1]).get('model', {})
   diff = {k: (saved.get(k), config.model[k]) for k in MODEL_IDENTITY if saved.get(k) != config.model[k]}
   if diff:
     detail = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
@@ -62,9 +67,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
   prepare_workdir(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=1))
 
   # --- mesh, model, optimizer: nothing allocated yet ---------------------------------------
   mesh = sharding.mesh_from_config(config)
@@ -107,6 +109,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = train_step.init_state(trainer, config.seed)
     start_step = 0
 
+  if is_main:  # only now: a config refused above must not overwrite the run's config.json
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=1))
+
   # --- the loop ---------------------------------------------------------------------------
   step_fn = train_step.make_train_step(trainer, config)
   writer = MetricsWriter(workdir, config.total_steps, images_per_step=layout.global_batch,
@@ -126,26 +132,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer.start(start_step)
   step, metrics = start_step, None
-  while step < config.total_steps:
-    batch = next(data)
-    batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
-             for k, v in batch.items()}
-    state, metrics = step_fn(state, batch)
-    step += 1
-    done = step == config.total_steps
-    if step % config.log_every_steps == 0 or done:
-      last = writer.write(step, jax.device_get(metrics))
-      if not math.isfinite(last['loss']):
-        raise TrainingDiverged(f'loss is {last["loss"]} at step {step}; stopped, the last good '
-                               f'checkpoint in {ckpt.directory} is kept')
-    preempted = ckpt.preempted(step)
-    if step % config.ckpt_every_steps == 0 or done or preempted:
-      save(step, metrics)
-    if preempted:
-      print(f'preemption signal: saved step {step}, exiting', flush=True)
-      break
-  ckpt.close()
-  writer.close()
+  try:
+    while step < config.total_steps:
+      batch = next(data)
+      batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
+               for k, v in batch.items()}
+      state, metrics = step_fn(state, batch)
+      step += 1
+      done = step == config.total_steps
+      if step % config.log_every_steps == 0 or done:
+        last = writer.write(step, jax.device_get(metrics))
+        if not math.isfinite(last['loss']):
+          raise TrainingDiverged(f'loss is {last["loss"]} at step {step}; stopped, the last '
+                                 f'good checkpoint in {ckpt.directory} is kept')
+      preempted = ckpt.preempted(step)
+      if step % config.ckpt_every_steps == 0 or done or preempted:
+        save(step, metrics)
+      if preempted:
+        print(f'preemption signal: saved step {step}, exiting', flush=True)
+        break
+  finally:  # also on divergence or a crash: finish writing the async save still in flight
+    ckpt.close()
+    writer.close()
 
   # --- a grid of samples from the EMA weights -----------------------------------------------
   if config.sample.write_grid and is_main and step == config.total_steps:
@@ -161,7 +169,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def steps_done(workdir: str) -> list[int]:
   """Steps with a complete checkpoint in a workdir (for tools and tests)."""
-  return checkpoint.Checkpointer(os.path.join(workdir, 'ckpt'), read_only=True).steps()
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'ckpt'), read_only=True, async_save=False)
+  try:
+    return ckpt.steps()
+  finally:
+    ckpt.close()
 
 
 def final_losses(workdir: str) -> np.ndarray:

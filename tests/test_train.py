@@ -1,0 +1,277 @@
+"""The training loop as a user runs it: sharding, exact resume, re-meshing, skipped incomplete
+checkpoints, divergence, GroupDiff variants, logs. Tiny configs (conftest.tiny_config), 8 CPU
+devices.
+"""
+import glob
+import json
+import math
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from groupdiff_jax import checkpoint, sharding, train, train_step
+from groupdiff_jax.data import pipeline
+
+K = 2  # the interrupted run stops after K steps, the reference runs 2K
+
+
+LOOP_ONLY = ('total_steps', 'log_every_steps', 'ckpt_every_steps', 'keep_ckpts')
+
+
+@pytest.fixture(scope='module', autouse=True)
+def reuse_compiled_steps():
+  """Every train() call jits a fresh step function (~10 s to compile on CPU). Within this module
+  a step for the same config (loop-only fields aside) and the same devices is built once and
+  reused: it is what make_train_step would compile again. (JAX's persistent compilation cache
+  is no way out: executables it loads deadlock in collectives on 8 fake CPU devices, jax 0.10.2.)
+  """
+  built = {}
+  real = train_step.make_train_step
+
+  def make_train_step(trainer, config):
+    cfg = config.to_dict()
+    key = (json.dumps({k: v for k, v in cfg.items() if k not in LOOP_ONLY}, sort_keys=True,
+                      default=str),
+           tuple(trainer.mesh.axis_names), tuple(trainer.mesh.devices.shape),
+           tuple(d.id for d in trainer.mesh.devices.flat))
+    if key not in built:
+      built[key] = real(trainer, config)
+    return built[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train_step, 'make_train_step', make_train_step)
+    yield
+
+
+def restore_latest(workdir, config):
+  """(step, {'state', 'ema', 'data', 'meta'}) of a workdir's newest checkpoint, on the host."""
+  trainer = train_step.build(config, sharding.mesh_from_config(config))
+  sh, abstract = trainer.state_shardings, trainer.abstract_state
+  keys = ('step', 'params', 'opt_state')
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'ckpt'), read_only=True, async_save=False)
+  try:
+    restored = ckpt.restore_latest(
+        state={k: abstract[k] for k in keys}, state_shardings={k: sh[k] for k in keys},
+        ema=abstract['ema'], ema_shardings=sh['ema'])
+  finally:
+    ckpt.close()
+  assert restored is not None, f'no readable checkpoint in {workdir}'
+  step, items = restored
+  return step, jax.device_get(items)
+
+
+def metric_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_trees_equal(a, b):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  """An uninterrupted 2K-step run and a K-step run (the 'stopped' one), both on (1, 8, 1)."""
+  base = tmp_path_factory.mktemp('runs')
+  full, half = str(base / 'full'), str(base / 'half')
+  train.train(tiny_config(total_steps=2 * K), full)
+  train.train(tiny_config(total_steps=K), half)
+  assert train.steps_done(full) == [2, 4] and train.steps_done(half) == [2]
+  return {'full': full, 'half': half, 'losses': train.final_losses(full)}
+
+
+# --- sharding -------------------------------------------------------------------------------
+
+def _run_steps(config, mesh, num_steps):
+  trainer = train_step.build(config, mesh)
+  state = train_step.init_state(trainer, config.seed)
+  step_fn = train_step.make_train_step(trainer, config)
+  data = pipeline.make_train_data(config, trainer.layout)
+  losses = []
+  for _ in range(num_steps):
+    batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
+             for k, v in next(data).items()}
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics['loss']))
+  return np.array(losses), state
+
+
+def test_same_losses_on_one_device_and_on_a_2x4_fsdp_mesh():
+  config = tiny_config(**{'mesh.shape': (2, 4, 1)})
+  axes = config.mesh.axes
+  one = sharding.make_mesh(axes, (1, 1, 1), jax.devices()[:1])
+  eight = sharding.mesh_from_config(config)
+  assert dict(eight.shape) == {'data': 2, 'fsdp': 4, 'context': 1}
+  losses_1, state_1 = _run_steps(config, one, 3)
+  losses_8, state_8 = _run_steps(config, eight, 3)
+  assert np.all(np.isfinite(losses_1)) and len(set(losses_1.tolist())) == 3
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+
+  # The parameters, the EMA and Adam's moments really are split over 'fsdp' on the 2x4 mesh.
+  kernel = state_8['params']['blocks']['qkv']['kernel']  # [layers, hidden, 3*hidden]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
+  assert kernel.addressable_shards[0].data.shape == (2, 32 // 4, 96)
+  assert len(kernel.sharding.device_set) == 8
+  ema_kernel = state_8['ema']['blocks']['qkv']['kernel']
+  assert ema_kernel.addressable_shards[0].data.shape == (2, 8, 96)
+  moments = [x for x in jax.tree.leaves(state_8['opt_state'])
+             if getattr(x, 'shape', None) == (2, 32, 96)]
+  assert moments and all(m.addressable_shards[0].data.shape == (2, 8, 96) for m in moments)
+  assert len(state_1['params']['blocks']['qkv']['kernel'].sharding.device_set) == 1
+
+
+# --- checkpoints and resume -------------------------------------------------------------------
+
+def test_resume_matches_an_uninterrupted_run_bit_for_bit(runs, tmp_path, capsys):
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(runs['half'], workdir)
+  train.train(tiny_config(total_steps=2 * K), workdir)
+  assert f'resumed from step {K}' in capsys.readouterr().out
+
+  rows = metric_rows(workdir)
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  np.testing.assert_array_equal(np.array([r['loss'] for r in rows]), runs['losses'])
+  step_r, resumed = restore_latest(workdir, tiny_config())
+  step_f, full = restore_latest(runs['full'], tiny_config())
+  assert step_r == step_f == 2 * K
+  assert_trees_equal(resumed['state'], full['state'])  # params, Adam state, step
+  assert_trees_equal(resumed['ema'], full['ema'])
+  assert resumed['data'] == full['data']  # the data iterator is where the full run's is
+  # The EMA is its own tree, not a copy of the parameters.
+  assert not np.array_equal(resumed['ema']['blocks']['qkv']['kernel'],
+                            resumed['state']['params']['blocks']['qkv']['kernel'])
+
+
+def test_resume_onto_a_different_mesh_shape(runs, tmp_path, capsys):
+  workdir = str(tmp_path / 'remeshed')
+  shutil.copytree(runs['half'], workdir)
+  with open(os.path.join(workdir, 'ckpt', str(K), 'meta', 'metadata')) as f:
+    assert json.load(f)['mesh']['shape'] == [1, 8, 1]
+  config = tiny_config(total_steps=2 * K, **{'mesh.shape': (2, 4, 1)})
+  train.train(config, workdir)
+  out = capsys.readouterr().out
+  assert f'resumed from step {K}' in out and "'data': 2, 'fsdp': 4" in out
+  losses = np.array([r['loss'] for r in metric_rows(workdir)])
+  np.testing.assert_allclose(losses, runs['losses'], rtol=1e-5)
+  _, remeshed = restore_latest(workdir, config)
+  assert remeshed['meta']['mesh']['shape'] == [2, 4, 1]
+
+
+def test_incomplete_checkpoint_is_skipped(runs, tmp_path, capsys):
+  workdir = str(tmp_path / 'broken')
+  shutil.copytree(runs['full'], workdir)
+  ckpt_dir = os.path.join(workdir, 'ckpt')
+  # Step 4 lost its array data (a write cut short); a crashed async save left a temp dir.
+  state_dir = os.path.join(ckpt_dir, '4', 'state')
+  for name in os.listdir(state_dir):
+    if name not in ('_METADATA', '_CHECKPOINT_METADATA'):
+      path = os.path.join(state_dir, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  os.remove(os.path.join(ckpt_dir, '4', 'meta', 'metadata'))
+  os.makedirs(os.path.join(ckpt_dir, '6.orbax-checkpoint-tmp-1700000000', 'state'))
+
+  train.train(tiny_config(total_steps=2 * K), workdir)
+  assert 'resumed from step 2' in capsys.readouterr().out
+  rows = metric_rows(workdir)  # steps 1-4 of the first run, then 3-4 again after the fallback
+  assert [r['step'] for r in rows] == [1, 2, 3, 4, 3, 4]
+  np.testing.assert_array_equal([r['loss'] for r in rows[-2:]], runs['losses'][2:])
+  assert train.steps_done(workdir) == [2, 4]
+  assert len(glob.glob(os.path.join(ckpt_dir, '4.unreadable-*', 'state'))) == 1  # kept aside
+  step, redone = restore_latest(workdir, tiny_config())
+  _, full = restore_latest(runs['full'], tiny_config())
+  assert step == 4
+  assert_trees_equal(redone['state'], full['state'])
+  assert_trees_equal(redone['ema'], full['ema'])
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+class _PoisonedData:
+  """Wraps the real TrainData; batches after the first `good` ones are all +inf."""
+
+  def __init__(self, inner, good):
+    self._inner, self._good, self._served = inner, good, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._inner)
+    self._served += 1
+    if self._served > self._good:
+      batch = dict(batch, image=np.full_like(batch['image'], np.inf))
+    return batch
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize('resume', [False, True],
+                         ids=['fresh_run_caught_when_logged', 'resumed_run_caught_at_save'])
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    runs, tmp_path, monkeypatch, resume):
+  workdir = str(tmp_path / 'diverged')
+  if resume:  # resumed at step 2, inf from step 3; not logged, so the save at step 4 refuses
+    shutil.copytree(runs['half'], workdir)
+    good, log_every = 0, 100
+  else:  # inf from step 3, logged at once, while the async save of step 2 may still be writing
+    good, log_every = 2, 1
+  real = pipeline.make_train_data
+  monkeypatch.setattr(pipeline, 'make_train_data',
+                      lambda *a, **kw: _PoisonedData(real(*a, **kw), good=good))
+  config = tiny_config(total_steps=6, ckpt_every_steps=2, log_every_steps=log_every)
+  with pytest.raises(train.TrainingDiverged,
+                     match=r'loss is (nan|inf) at step [34].*last good checkpoint') as err:
+    train.train(config, workdir)
+  assert os.path.join(workdir, 'ckpt') in str(err.value)
+  assert f'at step {3 if log_every == 1 else 4}' in str(err.value)
+  assert train.steps_done(workdir) == [2]  # step 2 is complete, nothing after it was written
+  step, items = restore_latest(workdir, tiny_config())
+  assert step == 2
+  for leaf in jax.tree.leaves((items['state'], items['ema'])):
+    assert np.all(np.isfinite(leaf))
+
+
+# --- GroupDiff variants, logs ----------------------------------------------------------------
+
+PROGRESS = re.compile(r'step (\d+)/(\d+) \| loss (\d+\.\d+) \| (\d+\.\d) img/s \| '
+                      r'(\d+\.\d+) TFLOP/s/dev \| MFU (n/a|\d+\.\d%) \| ETA (\d+:\d\d:\d\d)')
+
+
+@pytest.mark.parametrize('cond,uncond', [(4, 4), (1, 1)], ids=['groupdiff_f', 'plain_sit'])
+def test_variants_train_and_log(tmp_path, capsys, cond, uncond):
+  workdir = str(tmp_path / 'run')
+  config = tiny_config(total_steps=2, **{'group.cond_size': cond, 'group.uncond_size': uncond})
+  final = train.train(config, workdir)
+  out = capsys.readouterr().out
+  assert (f'batch: 12 cond (groups of {cond}) + 4 uncond (groups of {uncond})') in out
+  assert final['step'] == 2 and math.isfinite(final['loss'])
+  assert train.steps_done(workdir) == [2]
+
+  # Progress lines: step, loss, images/s, TFLOP/s per device, MFU, ETA.
+  lines = [m for m in map(PROGRESS.search, out.splitlines()) if m]
+  assert [(m[1], m[2]) for m in lines] == [('1', '2'), ('2', '2')]
+  assert float(lines[-1][3]) == pytest.approx(final['loss'], abs=1e-4)
+  # metrics.jsonl: one row per logged step with throughput and FLOP numbers.
+  rows = metric_rows(workdir)
+  assert [r['step'] for r in rows] == [1, 2]
+  for row in rows:
+    assert {'loss', 'grad_norm', 'param_norm', 'loss_uncond', 'images_per_sec',
+            'tflops_per_device', 'eta_sec'} <= set(row)
+    assert row['images_per_sec'] > 0 and row['tflops_per_device'] > 0
+  assert rows[-1]['loss'] == final['loss']
+  # TensorBoard event files with the scalars.
+  events = glob.glob(os.path.join(workdir, 'tb', 'events.out.tfevents*'))
+  assert events
+  with open(events[0], 'rb') as f:
+    content = f.read()
+  assert b'loss' in content and b'images_per_sec' in content
