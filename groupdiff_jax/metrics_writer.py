@@ -51,7 +51,7 @@ class MetricsWriter:
       parts = [f'step {step}/{self.total_steps}', f'loss {out.get("loss", float("nan")):.4f}']
       if 'images_per_sec' in out:
         parts += [f'{out["images_per_sec"]:.1f} img/s',
-                  f'{out["tflops_per_device"]:.2f} TFLOP/s/dev',
+                  f'{out["tflops_per_device"]:.3f} TFLOP/s/dev',
                   f'MFU {100 * out["mfu"]:.1f}%' if 'mfu' in out else 'MFU n/a',
                   f'ETA {_fmt_eta(out["eta_sec"])}']
       print(' | '.join(parts), flush=True)

@@ -101,6 +101,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   elif config.init_from:
     params, ema, meta = checkpoint.load_weights(config.init_from, params=abstract['params'],
                                                 shardings=sh['params'])
+    # Same shapes either way: a wrong convention would load and silently train the wrong function.
+    saved_convention = meta.get('model', {}).get('time_convention')
+    if saved_convention and saved_convention != config.model.time_convention:
+      raise checkpoint.CheckpointError(
+          f'{config.init_from} records time_convention={saved_convention!r} but the config says '
+          f'{config.model.time_convention!r}; pass --config.model.time_convention='
+          f'{saved_convention}')
     state = train_step.init_state(trainer, config.seed, params=ema if ema is not None else params)
     start_step = 0
     print(f'fine-tuning from {config.init_from} ({meta.get("source", "trainer checkpoint")}, '

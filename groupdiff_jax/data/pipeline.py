@@ -130,7 +130,8 @@ class TrainData:
   def set_state(self, state: dict[str, Any]) -> None:
     diff = {k: (state.get(k), v) for k, v in self._fingerprint.items() if state.get(k) != v}
     if diff:
-      raise ValueError(f'data state is from another pipeline (saved, current): {diff}')
+      raise ValueError(f'data state is from another pipeline (batch, groups, source or seed '
+                       f'changed since the checkpoint?); (saved, current): {diff}')
     self._iterator().set_state(state['grain'])
 
   @property
