@@ -444,6 +444,15 @@ def test_converted_checkpoint_fine_tunes_with_main(tmp_path):
   assert f'--config.init_from={out}' in model_flags
   assert '--config.model.time_convention=noise_at_0' in model_flags
   env = dict(os.environ, JAX_PLATFORMS='cpu')
+  # Without the time-convention flag the shapes still fit: the trainer must refuse, not train the
+  # wrong function.
+  wrong = subprocess.run(
+      [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/demo.py',
+       f'--workdir={workdir}_wrong', *[f for f in model_flags if 'time_convention' not in f],
+       '--config.total_steps=1'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert wrong.returncode == 2, wrong.stderr[-2000:]
+  assert "time_convention='noise_at_0'" in wrong.stderr and not os.path.exists(
+      os.path.join(f'{workdir}_wrong', 'ckpt', '1'))
   train = subprocess.run(
       [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/demo.py',
        f'--workdir={workdir}', *model_flags, '--config.total_steps=3',
