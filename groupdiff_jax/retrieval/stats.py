@@ -15,14 +15,26 @@ def recall_sample(n: int, num_queries: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(n, size=min(n, num_queries), replace=False))
 
 
-def recall(ids: np.ndarray, emb: EmbeddingSet, k: int, num_queries: int, seed: int,
-           at: tuple[int, ...] = (16,)) -> dict[str, Any]:
-  """recall@k (and @a for a in `at`, a < k) of `ids` [n, k] against exact search on a sample.
+def exact_truth(emb: EmbeddingSet, k: int, num_queries: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """(query ids, their exact top-k ids): the reference recall is measured against.
 
-  recall@a = |approx top-a  intersect  exact top-a| / a, averaged over the sampled queries.
+  Independent of the index, so the neighbours command runs it in a thread while ScaNN builds
+  (the build is mostly single-threaded and releases the GIL).
   """
   qids = recall_sample(emb.n, num_queries, seed)
   true_ids, _ = exact.exact_topk_streamed(emb.take(qids), qids, emb.unit_blocks(), k)
+  return qids, true_ids
+
+
+def recall(ids: np.ndarray, truth: tuple[np.ndarray, np.ndarray], seed: int,
+           at: tuple[int, ...] = (16,)) -> dict[str, Any]:
+  """recall@k (and @a for a in `at`, a < k) of `ids` [n, k] against exact_truth's sample.
+
+  recall@a = |approx top-a  intersect  exact top-a| / a, averaged over the sampled queries.
+  """
+  qids, true_ids = truth
+  k = true_ids.shape[1]
   found = np.asarray(ids[qids])
   out: dict[str, Any] = {'num_queries': int(len(qids)), 'seed': seed}
   for a in sorted({a for a in at if a < k} | {k}):
