@@ -163,14 +163,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
 
   # --- a grid of samples from the EMA weights -----------------------------------------------
-  if config.sample.write_grid and is_main and step == config.total_steps:
-    t0 = time.perf_counter()
+  if config.sample.write_grid and step == config.total_steps:
+    t0 = time.perf_counter()  # every process samples (one SPMD program); process 0 writes
     images, _ = generate.generate_images(trainer, config.sample, state['ema'],
                                          config.sample.num_images, config.sample.seed)
-    path = os.path.join(workdir, f'samples_step{step}.png')
-    image_grid.save_grid(images, path, columns=max(config.sample.cond_group_size,
-                                                   config.sample.uncond_group_size), scale=4)
-    print(f'wrote {path} ({len(images)} samples, {time.perf_counter() - t0:.1f}s)', flush=True)
+    if is_main:
+      path = os.path.join(workdir, f'samples_step{step}.png')
+      image_grid.save_grid(images, path, columns=max(config.sample.cond_group_size,
+                                                     config.sample.uncond_group_size), scale=4)
+      print(f'wrote {path} ({len(images)} samples, {time.perf_counter() - t0:.1f}s)', flush=True)
   return dict(last, step=step)
 
 
