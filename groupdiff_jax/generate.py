@@ -5,6 +5,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from groupdiff_jax import samplers, sharding
 from groupdiff_jax.train_step import Trainer, model_apply
@@ -46,4 +47,5 @@ def generate_images(trainer: Trainer, sample_cfg, params, num_images: int, seed:
   noise = jax.random.normal(key, (num_images, cfg.input_size, cfg.input_size, cfg.in_channels))
   images = make_generate_fn(trainer, sample_cfg)(params, noise, jnp.asarray(labels),
                                                  jax.random.fold_in(key, 1))
-  return np.asarray(jax.device_get(images)), labels
+  # On several hosts the batch is sharded across processes: gather it everywhere.
+  return np.asarray(multihost_utils.process_allgather(images, tiled=True)), labels
