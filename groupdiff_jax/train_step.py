@@ -136,8 +136,8 @@ def make_train_step(trainer: Trainer, config) -> Callable[[State, dict], tuple[S
     updates, opt_state = trainer.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state['ema'], params)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(params)}
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               'param_norm': optax.tree.norm(params)}
     if trainer.layout.num_uncond:
       metrics['loss_uncond'] = per_image[trainer.layout.num_cond:].mean()
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'ema': ema}
