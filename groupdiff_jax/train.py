@@ -75,6 +75,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f'mesh {dict(mesh.shape)} | model {config.model.name} | batch: {layout.num_cond} cond '
         f'(groups of {layout.cond_group_size}) + {layout.num_uncond} uncond (groups of '
         f'{layout.uncond_group_size})', flush=True)
+  batch_axes = dict(trainer.rules).get('batch') or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
+  for name, groups in (('conditional', layout.num_cond_groups),
+                       ('unconditional', layout.num_uncond_groups)):
+    if groups % shards:  # XLA pads uneven shards and reshuffles groups: it works, but costs
+      print(f'note: {groups} {name} groups over {shards} batch shards is uneven; a group count '
+            f'that is a multiple of {shards} keeps every group on one device', flush=True)
 
   # --- data -------------------------------------------------------------------------------
   data = pipeline.make_train_data(config, layout, workdir=workdir,
