@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.scann = ml_collections.ConfigDict()
   c.scann.num_leaves = config_dict.placeholder(int)            # ~sqrt(n)
   c.scann.leaves_to_search = config_dict.placeholder(int)      # ~1% of the leaves, >= 8
-  c.scann.training_sample_size = config_dict.placeholder(int)
+  c.scann.training_sample_size = config_dict.placeholder(int)  # built on these, rest upserted
   c.scann.training_iterations = config_dict.placeholder(int)
   c.scann.min_partition_size = config_dict.placeholder(int)    # 1 (> 1 breaks reproducibility)
   c.scann.quantize_centroids = config_dict.placeholder(bool)   # int8 centroid scoring
@@ -39,5 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.scann.reorder_dtype = config_dict.placeholder(str)         # float32 (exact) | bfloat16 | int8
   c.scann.soar_lambda = config_dict.placeholder(float)         # SOAR spilling (off by default)
   c.scann.num_threads = config_dict.placeholder(int)           # default: all cores
-  c.scann.seed = config_dict.placeholder(int)                  # k-means seed (1)
+  c.scann.seed = config_dict.placeholder(int)                  # k-means seed, sample (1)
+  c.scann.kmeans_init = config_dict.placeholder(str)           # kmeans++ | random
+  c.scann.upsert_batch = config_dict.placeholder(int)          # rows per ScaNN upsert batch
   return c

@@ -81,18 +81,16 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     raise InputError(f'config: unknown backend or parameter {e}; backends: auto, '
                      f'{", ".join(backends.BACKENDS)}') from None
   log(f'neighbors: {emb.dataset} ({emb.encoder}) n={emb.n} dim={emb.dim} K={k} backend={name}')
-  # Values (NaN/Inf, zero norms) are checked while loading. No reference is kept here: the
-  # backend may drop the array once its index holds a copy (ScaNN), halving peak memory.
-  handoff = backends.Handoff(emb.load_float32())
+  emb.check_values()                               # NaN/Inf and zero norms: one streamed pass
   t_loaded = time.time()
-  log(f'neighbors: embeddings loaded and checked in {t_loaded - t_start:.1f}s {_memory()}')
+  log(f'neighbors: embeddings checked in {t_loaded - t_start:.1f}s {_memory()}')
 
   # The exact reference for the recall check needs no index: compute it alongside the build.
   measure = name != 'exact' and config.recall_queries > 0
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     truth = pool.submit(stats.exact_truth, emb, k, config.recall_queries, config.seed) \
         if measure else None
-    ids, sims = backends.BACKENDS[name].run(emb, handoff, k, params, log)
+    ids, sims = backends.BACKENDS[name].run(emb, k, params, log)
     t_index = time.time()
     log(f'neighbors: top-{k} of {emb.n} images in {t_index - t_loaded:.1f}s {_memory()}')
     if measure:

@@ -39,9 +39,11 @@ def exact_file(clustered, tmp_path_factory):
   return out
 
 
-def test_scann_neighbour_file_matches_exact(clustered, exact_file, tmp_path):
-  header = neighbors.run(_nb_config(clustered, k=20, backend='scann'), str(tmp_path),
-                         log=lambda m: None)
+@pytest.mark.parametrize('sample', [None, 700])  # 700 < n: trained on a sample, rest upserted
+def test_scann_neighbour_file_matches_exact(clustered, exact_file, tmp_path, sample):
+  config = _nb_config(clustered, k=20, backend='scann')
+  config.scann.training_sample_size = sample
+  header = neighbors.run(config, str(tmp_path), log=lambda m: None)
   ids, sims, h = neighbor_file.read_neighbors(str(tmp_path))
   eids, esims, _ = neighbor_file.read_neighbors(str(exact_file))
   assert ids.dtype == np.int32 and sims.dtype == np.float16 and ids.shape == (3000, 20)
@@ -69,8 +71,9 @@ def test_exact_file_matches_numpy(clustered, exact_file):
 
 def test_scann_is_deterministic(clustered, tmp_path):
   for out in ('a', 'b'):
-    neighbors.run(_nb_config(clustered, k=10, backend='scann', recall_queries=0),
-                  str(tmp_path / out), log=lambda m: None)
+    config = _nb_config(clustered, k=10, backend='scann', recall_queries=0)
+    config.scann.training_sample_size = 1000  # the upsert path too
+    neighbors.run(config, str(tmp_path / out), log=lambda m: None)
   a, b = (neighbor_file.read_neighbors(str(tmp_path / o)) for o in ('a', 'b'))
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])

@@ -5,7 +5,8 @@
   auto   exact up to `exact_max_n` images, scann above
 
 Every backend returns (ids int32 [n, K], sims float32 [n, K]) with the image itself excluded and
-rows sorted by decreasing cosine similarity, plus the parameters it used (for the file header).
+rows sorted by decreasing cosine similarity; `params` derives the parameters it will use from n
+and K and the config's overrides (they go into the file header).
 """
 import dataclasses
 import resource
@@ -21,24 +22,11 @@ from groupdiff_jax.retrieval.embedding_store import EmbeddingSet
 Log = Callable[[str], None]
 
 
-class Handoff:
-  """Passes the float32 database to a backend that may free it early (pop drops our reference)."""
-
-  def __init__(self, array: np.ndarray):
-    self._array = array
-
-  def pop(self) -> np.ndarray:
-    array, self._array = self._array, None
-    if array is None:
-      raise RuntimeError('the database was already handed off')
-    return array
-
-
 @dataclasses.dataclass(frozen=True)
 class Backend:
   params: Callable[[int, int, dict[str, Any]], dict[str, Any]]    # (n, K, overrides) -> params
-  run: Callable[[EmbeddingSet, Handoff, int, dict[str, Any], Log],
-                tuple[np.ndarray, np.ndarray]]                    # (set, float32 db, K, params)
+  run: Callable[[EmbeddingSet, int, dict[str, Any], Log],
+                tuple[np.ndarray, np.ndarray]]                    # (embeddings, K, params, log)
 
 
 def _exact_params(n: int, k: int, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -46,9 +34,8 @@ def _exact_params(n: int, k: int, overrides: dict[str, Any]) -> dict[str, Any]:
   return {'block': int(overrides.get('block') or 1024)}
 
 
-def _exact_run(emb: EmbeddingSet, handoff: Handoff, k: int, params: dict[str, Any], log: Log):
-  del emb
-  db = handoff.pop()
+def _exact_run(emb: EmbeddingSet, k: int, params: dict[str, Any], log: Log):
+  db = emb.load_float32()
   log(f'exact: {db.shape[0]} x {db.shape[0]} similarities in blocks of {params["block"]}')
   return exact.exact_topk(db, k, block=params['block'])
 
@@ -57,17 +44,13 @@ def _scann_params(n: int, k: int, overrides: dict[str, Any]) -> dict[str, Any]:
   return scann_index.derive_params(n, k, overrides)
 
 
-def _scann_run(emb: EmbeddingSet, handoff: Handoff, k: int, params: dict[str, Any], log: Log):
-  db = handoff.pop()
-  log(f'scann: building index over {db.shape[0]} x {db.shape[1]}: {params}')
+def _scann_run(emb: EmbeddingSet, k: int, params: dict[str, Any], log: Log):
+  log(f'scann: building index over {emb.n} x {emb.dim}: {params}')
   t0 = time.time()
-  searcher = scann_index.build(db, k, params)
+  index = scann_index.build(emb, k, params, log)
   log(f'scann: index built in {time.time() - t0:.1f}s (RSS peak so far '
       f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB)')
-  # ScaNN holds its own copy; ours goes now and queries are re-read shard by shard (the same
-  # unit-norm values), so the search phase holds one float32 copy of the database, not two.
-  del db
-  return scann_index.search_all(searcher, emb.unit_blocks(), emb.n, k, params, log)
+  return scann_index.search_all(index, emb.unit_blocks(), emb.n, k, params, log)
 
 
 BACKENDS: dict[str, Backend] = {

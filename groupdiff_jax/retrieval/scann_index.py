@@ -1,5 +1,10 @@
 """ScaNN backend: tree partitioning + anisotropic asymmetric hashing + exact float32 reorder.
 
+Memory: the index is built on the training sample only and the rest of the database is then
+upserted shard by shard, so no full float32 copy of the database exists outside ScaNN's own
+(a bulk build needs ours plus ScaNN's plus its build transient: ~3.3x the float32 database,
+over 16 GB at ImageNet size and width 1024; this way the peak is ~1.6x).
+
 Parameters follow ScaNN's rules of thumb (docs/algorithms.md), derived from n and tuned on
 clustered 1024-d data (BENCHMARKS.md, "Neighbour index (issue 4)"); every one can be overridden by
 a config key of the same name. scann is imported lazily: it is a Linux-only wheel and only this
@@ -13,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from groupdiff_jax.retrieval.embedding_store import EmbeddingSet
+
 # Keys a config may override; None means "derive from n" (see derive_params).
 PARAM_KEYS = ('num_leaves', 'leaves_to_search', 'training_sample_size', 'training_iterations',
               'min_partition_size', 'quantize_centroids', 'dims_per_block',
               'residual_quantization', 'anisotropic_threshold', 'hash_type',
-              'reorder', 'reorder_dtype', 'soar_lambda', 'num_threads', 'seed')
+              'reorder', 'reorder_dtype', 'soar_lambda', 'num_threads', 'seed', 'kmeans_init',
+              'upsert_batch', 'reserve')
 
 
 def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -50,6 +58,9 @@ def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> di
       'quantize_centroids': False,
       'num_threads': os.cpu_count() or 1,
       'seed': 1,
+      'kmeans_init': 'kmeans++',   # random | kmeans++
+      'upsert_batch': 1024,
+      'reserve': True,
   }
   for key, value in (overrides or {}).items():
     if key not in params:
@@ -60,33 +71,81 @@ def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> di
   return params
 
 
-def build(database: np.ndarray, k: int, params: dict[str, Any]):
-  """A ScaNN searcher over unit-norm float32 rows, scoring by dot product (= cosine)."""
+def _sample_ids(n: int, size: int, seed: int) -> np.ndarray:
+  """Sorted random ids the trees and codebooks are trained on (image ids may be ordered by
+  class, so the first rows are not a sample)."""
+  if size >= n:
+    return np.arange(n)
+  return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def _config(sample: np.ndarray, k: int, p: dict[str, Any]) -> str:
   import scann  # pylint: disable=import-outside-toplevel  (lazy: optional Linux-only wheel)
   reorder_types = {'float32': scann.scann_ops_pybind.scann_builder.ReorderType.FLOAT32,
                    'bfloat16': scann.scann_ops_pybind.scann_builder.ReorderType.BFLOAT16,
                    'int8': scann.scann_ops_pybind.scann_builder.ReorderType.INT8}
-  p = params
-  builder = scann.scann_ops_pybind.builder(database, k + 1, 'dot_product')
+  builder = scann.scann_ops_pybind.builder(sample, k + 1, 'dot_product')
   builder = builder.tree(
       num_leaves=p['num_leaves'], num_leaves_to_search=p['leaves_to_search'],
       training_sample_size=p['training_sample_size'],
       training_iterations=p['training_iterations'],
       min_partition_size=p['min_partition_size'], soar_lambda=p['soar_lambda'],
-      quantize_centroids=p['quantize_centroids'])
+      quantize_centroids=p['quantize_centroids'], random_init=p['kmeans_init'] == 'random')
   builder = builder.score_ah(p['dims_per_block'],
                              anisotropic_quantization_threshold=p['anisotropic_threshold'],
                              training_sample_size=p['training_sample_size'],
                              hash_type=p['hash_type'],
                              residual_quantization=p['residual_quantization'])
   builder = builder.reorder(p['reorder'], quantize=reorder_types[p['reorder_dtype']])
-  config = builder.create_config()
-  # The partitioner's clustering_seed defaults to 0, which ScaNN treats as "seed from entropy":
-  # builds then differ from run to run. A fixed seed makes the neighbour file reproducible.
-  config = config.replace('partitioning {', f'partitioning {{\n clustering_seed: {p["seed"]}', 1)
-  searcher = scann.scann_ops_pybind.create_searcher(database, config, p['num_threads'])
+  # The builder does not expose the partitioner's k-means seed: pin it in the text config, so
+  # the seed is explicit (recorded in the header) and can be varied.
+  return builder.create_config().replace(
+      'partitioning {', f'partitioning {{\n clustering_seed: {p["seed"]}', 1)
+
+
+class Index:
+  """A ScaNN searcher and the image id of each of its internal rows."""
+
+  def __init__(self, searcher, row_ids: np.ndarray):
+    self.searcher, self.row_ids = searcher, row_ids
+
+  def search(self, queries: np.ndarray, k: int, params: dict[str, Any]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(image ids [q, k], dot products [q, k]) best first, searched with all threads."""
+    # The raw pybind call: the wrapper would map each result to its docid in Python.
+    idx, dist = self.searcher.searcher.search_batched(
+        queries, k, params['reorder'], params['leaves_to_search'], True, 256)
+    return self.row_ids[idx], dist
+
+
+def build(emb: EmbeddingSet, k: int, params: dict[str, Any],
+          log: Callable[[str], None] | None = print) -> Index:
+  """Trains on a random sample of `emb`, then upserts every other row shard by shard."""
+  import scann  # pylint: disable=import-outside-toplevel
+  p = params
+  sample = _sample_ids(emb.n, p['training_sample_size'], p['seed'])
+  rows = emb.take(sample)
+  searcher = scann.scann_ops_pybind.create_searcher(
+      rows, _config(rows, k, p), p['num_threads'], docids=sample.tolist())
   searcher.set_num_threads(p['num_threads'])
-  return searcher
+  del rows
+  if p['reserve']:  # grow storage once: vector doubling while upserting would peak at ~3x
+    searcher.reserve(emb.n)
+  in_sample = np.zeros(emb.n, bool)
+  in_sample[sample] = True
+  t0, added, todo = time.time(), 0, emb.n - len(sample)
+  for start, block in emb.unit_blocks():
+    ids = np.arange(start, start + len(block))
+    new = ~in_sample[ids]
+    if new.any():
+      searcher.upsert(ids[new].tolist(), np.ascontiguousarray(block[new]),
+                      batch_size=p['upsert_batch'])
+      added += int(new.sum())
+      if log:
+        el = time.time() - t0
+        log(f'scann: added {added}/{todo} rows ({100 * added / todo:.1f}%) '
+            f'ETA {(todo - added) * el / added:.0f}s')
+  return Index(searcher, np.asarray(searcher.docids, np.int32))
 
 
 def drop_self(ids: np.ndarray, sims: np.ndarray, first_id: int = 0
@@ -105,7 +164,7 @@ def drop_self(ids: np.ndarray, sims: np.ndarray, first_id: int = 0
   return ids[keep].reshape(q, k1 - 1), sims[keep].reshape(q, k1 - 1)
 
 
-def search_all(searcher, blocks: Iterable[tuple[int, np.ndarray]], n: int, k: int,
+def search_all(index: Index, blocks: Iterable[tuple[int, np.ndarray]], n: int, k: int,
                params: dict[str, Any], log: Callable[[str], None] | None = print
                ) -> tuple[np.ndarray, np.ndarray]:
   """Top k of every id, itself excluded; `blocks` yields (start id, unit-norm float32 rows).
@@ -114,12 +173,10 @@ def search_all(searcher, blocks: Iterable[tuple[int, np.ndarray]], n: int, k: in
   [n, k+1] intermediate is ever held.
   """
   ids = np.empty((n, k), np.int32)
-  sims = np.empty((n, k), np.float32)
+  sims = np.empty((n, k), np.float16)  # the file's precision; halves the largest output array
   t0, done = time.time(), 0
   for start, rows in blocks:
-    idx, dist = searcher.search_batched_parallel(
-        rows, final_num_neighbors=k + 1, pre_reorder_num_neighbors=params['reorder'],
-        leaves_to_search=params['leaves_to_search'], batch_size=256)
+    idx, dist = index.search(rows, k + 1, params)
     if idx.shape[1] < k + 1:  # fewer candidates than asked: too few leaves searched
       raise RuntimeError(f'ScaNN returned {idx.shape[1]} < {k + 1} results; raise '
                          'leaves_to_search or reorder')
