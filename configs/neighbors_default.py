@@ -25,8 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.threshold = 0.7        # ... with cosine similarity >= threshold (the paper's 0.7)
 
   c.scann = ml_collections.ConfigDict()
-  c.scann.num_leaves = config_dict.placeholder(int)            # ~sqrt(n)
-  c.scann.leaves_to_search = config_dict.placeholder(int)      # ~1% of the leaves, >= 8
+  c.scann.num_leaves = config_dict.placeholder(int)            # ~1.5 sqrt(n)
+  c.scann.leaves_to_search = config_dict.placeholder(int)      # ~0.65% of the leaves, >= 8
   c.scann.training_sample_size = config_dict.placeholder(int)  # built on these, rest upserted
   c.scann.training_iterations = config_dict.placeholder(int)
   c.scann.min_partition_size = config_dict.placeholder(int)    # 1 (> 1 breaks reproducibility)
@@ -41,5 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.scann.num_threads = config_dict.placeholder(int)           # default: all cores
   c.scann.seed = config_dict.placeholder(int)                  # k-means seed, sample (1)
   c.scann.kmeans_init = config_dict.placeholder(str)           # kmeans++ | random
+  c.scann.spherical = config_dict.placeholder(bool)            # spherical k-means (True)
   c.scann.upsert_batch = config_dict.placeholder(int)          # rows per ScaNN upsert batch
   return c

@@ -1,9 +1,9 @@
 """ScaNN backend: tree partitioning + anisotropic asymmetric hashing + exact float32 reorder.
 
 Memory: the index is built on the training sample only and the rest of the database is then
-upserted shard by shard, so no full float32 copy of the database exists outside ScaNN's own
-(a bulk build needs ours plus ScaNN's plus its build transient: ~3.3x the float32 database,
-over 16 GB at ImageNet size and width 1024; this way the peak is ~1.6x).
+upserted shard by shard, so no full float32 copy of the database exists outside ScaNN's own. A
+bulk build needs ours, ScaNN's and its build transient at once: 16.3 GiB peak at ImageNet size
+and width 1024, measured, against the 16 GB budget.
 
 Parameters follow ScaNN's rules of thumb (docs/algorithms.md), derived from n and tuned on
 clustered 1024-d data (BENCHMARKS.md, "Neighbour index (issue 4)"); every one can be overridden by
@@ -25,19 +25,20 @@ PARAM_KEYS = ('num_leaves', 'leaves_to_search', 'training_sample_size', 'trainin
               'min_partition_size', 'quantize_centroids', 'dims_per_block',
               'residual_quantization', 'anisotropic_threshold', 'hash_type',
               'reorder', 'reorder_dtype', 'soar_lambda', 'num_threads', 'seed', 'kmeans_init',
-              'upsert_batch', 'reserve')
+              'upsert_batch', 'reserve', 'spherical')
 
 
 def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Index parameters for n points and k results; `overrides` (non-None values) win."""
-  # ~sqrt(n) leaves balances the two per-query costs: scoring the leaf centroids (grows with the
-  # number of leaves) and scanning the searched leaves (grows with their size).
-  leaves = max(2, min(n // 20, round(math.sqrt(n))))
+  # ~1.5 sqrt(n) leaves (1,698 at ImageNet size): with fewer, larger leaves the leaf scans
+  # dominate (1,132 leaves searched 2537 q/s against 4611 for 1,700, at equal recall).
+  leaves = max(2, min(n // 20, round(1.5 * math.sqrt(n))))
   params = {
       'num_leaves': leaves,
-      # ~1% of the leaves (at least 8). Tuned on clustered data (BENCHMARKS.md): recall@100 ~1
-      # there; harder data may need more, which the printed recall check shows.
-      'leaves_to_search': max(8, round(0.01 * leaves)),
+      # ~0.65% of the leaves, at least 8 (11 at ImageNet size). On the clustered benchmark
+      # recall@16 is 1.0 from 6 leaves on; real embeddings may need more, which the recall
+      # check printed after every run shows.
+      'leaves_to_search': max(8, round(leaves / 150)),
       # k-means cost is sample x leaves x dim per iteration; 100k samples train ~1k leaves well.
       'training_sample_size': min(n, 100_000),
       'training_iterations': 6,
@@ -59,6 +60,12 @@ def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> di
       'num_threads': os.cpu_count() or 1,
       'seed': 1,
       'kmeans_init': 'kmeans++',   # random | kmeans++
+      # Spherical k-means (unit centroids): points are then assigned to leaves by the same
+      # dot product that ranks leaves for a query. With plain k-means, points are assigned by L2
+      # (which favours small-norm centroids) but queries rank leaves by dot product (which
+      # favours large norms): a cluster left without a centroid of its own ends up in leaves no
+      # query of it searches (1,281,167 clustered points: recall@16 0.958 even at 80 leaves).
+      'spherical': True,
       'upsert_batch': 1024,
       'reserve': True,
   }
@@ -90,7 +97,8 @@ def _config(sample: np.ndarray, k: int, p: dict[str, Any]) -> str:
       training_sample_size=p['training_sample_size'],
       training_iterations=p['training_iterations'],
       min_partition_size=p['min_partition_size'], soar_lambda=p['soar_lambda'],
-      quantize_centroids=p['quantize_centroids'], random_init=p['kmeans_init'] == 'random')
+      quantize_centroids=p['quantize_centroids'], random_init=p['kmeans_init'] == 'random',
+      spherical=p['spherical'])
   builder = builder.score_ah(p['dims_per_block'],
                              anisotropic_quantization_threshold=p['anisotropic_threshold'],
                              training_sample_size=p['training_sample_size'],
