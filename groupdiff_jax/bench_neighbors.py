@@ -77,7 +77,8 @@ def bench(workdir: str, n: int, dim: int, clusters: int, k: int, recall_queries:
   wall, cpu1 = time.time() - t0, os.times()
   result = {
       'n': n, 'dim': dim, 'k': k, 'clusters': clusters, 'recall_queries': recall_queries,
-      'wall_s': round(wall, 1), 'cpu_s': round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1),
+      'wall_s': round(wall, 1),
+      'cpu_s': round(cpu1.user + cpu1.system - cpu0.user - cpu0.system, 1),
       'peak_rss_gb': round(neighbors.peak_rss_gb(), 2), 'rss_before_gb': round(rss_before, 2),
       'recall': header['recall'], 'index': header['index'], 'seconds': header['seconds'],
       'grouping': header['grouping'], 'generate_s': round(gen_s, 1),

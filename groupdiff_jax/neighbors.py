@@ -102,7 +102,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     else:
       rec = {'exact': True} if name == 'exact' else {}
   t_recall = time.time()
-  log(f'neighbors: recall reported {t_recall - t_index:.1f}s after the search {_memory()}')
 
   group = stats.grouping(sims, config.group_size, config.threshold)
   for line in stats.format_grouping(group):

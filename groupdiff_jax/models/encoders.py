@@ -156,7 +156,8 @@ def _clip_weights(get: Callable[[str], np.ndarray], cfg: ViTConfig) -> dict:
     p = f'vision_model.encoder.layers.{i}.'
     blocks[i] = {
         'norm1': _norm(get, p + 'layer_norm1'), 'norm2': _norm(get, p + 'layer_norm2'),
-        'attn': {'q': _linear(get, p + 'self_attn.q_proj'), 'k': _linear(get, p + 'self_attn.k_proj'),
+        'attn': {'q': _linear(get, p + 'self_attn.q_proj'),
+                 'k': _linear(get, p + 'self_attn.k_proj'),
                  'v': _linear(get, p + 'self_attn.v_proj'),
                  'o': _linear(get, p + 'self_attn.out_proj')},
         'mlp': {'fc1': _linear(get, p + 'mlp.fc1'), 'fc2': _linear(get, p + 'mlp.fc2')},

@@ -113,7 +113,8 @@ class EmbeddingSet:
       self._shards.append((expect_start, arr))
       expect_start += arr.shape[0]
     if expect_start != self.n:
-      raise InputError(f'{directory}: shards hold {expect_start} rows, the manifest says n={self.n}')
+      raise InputError(f'{directory}: shards hold {expect_start} rows, the manifest says '
+                       f'n={self.n}')
 
   def blocks(self, block: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
     """(start id, raw rows) in id order, at most `block` rows each, shard boundaries respected.

@@ -1,9 +1,9 @@
 """ScaNN backend: tree partitioning + anisotropic asymmetric hashing + exact float32 reorder.
 
 Memory: the index is built on the training sample only and the rest of the database is then
-upserted shard by shard, so no full float32 copy of the database exists outside ScaNN's own. A
-bulk build needs ours, ScaNN's and its build transient at once: 16.3 GiB peak at ImageNet size
-and width 1024, measured, against the 16 GB budget.
+upserted shard by shard, so no full float32 copy of the database exists outside ScaNN's own. At
+ImageNet size and width 1024 the whole neighbours run peaks at 10.9 GiB this way; a bulk build
+holds ours, ScaNN's and its build transient at once and peaked at 16.3 GiB (BENCHMARKS.md).
 
 Parameters follow ScaNN's rules of thumb (docs/algorithms.md), derived from n and tuned on
 clustered 1024-d data (BENCHMARKS.md, "Neighbour index (issue 4)"); every one can be overridden by
