@@ -85,7 +85,7 @@ def test_synthetic_source_is_deterministic():
 
 
 def test_unknown_source_error():
-  with pytest.raises(ValueError, match=r"unknown data.source 'nope'; known: digits, latents, "
+  with pytest.raises(ValueError, match=r"unknown data.source 'nope'; known: digits, "
                      r'synthetic$'):
     sources.make_source(_config('nope'))
 
@@ -232,3 +232,8 @@ def test_threshold_pipeline_runs(workdir):
   for anchor, *members in groups:
     row = np.asarray(ids[anchor]).tolist()
     assert all(sims[anchor, row.index(m)] >= 0.7 for m in members)
+
+
+def test_planned_source_says_what_to_use_now():
+  with pytest.raises(ValueError, match=r"data.source 'latents': .*--config.data.source=synthetic"):
+    sources.make_source(_config('latents'))

@@ -82,22 +82,24 @@ def _cluster_neighbors(n: int, k: int, rng: np.random.Generator) -> tuple[np.nda
   return ids.astype(np.int32), sims.astype(np.float16)
 
 
-def _latents_pending(config: ml_collections.ConfigDict, workdir: str | None = None):
-  # Slot for 'latents': precomputed SD-VAE latents in ArrayRecord plus a neighbour file
-  # (config.data.path / config.data.neighbors). It lands in a later issue.
-  raise NotImplementedError("data.source='latents' is not implemented yet (a later issue)")
+# Sources a config may name that land in a later issue: a one-line error says what to use now.
+PLANNED = {
+    'latents': 'precomputed ImageNet SD-VAE latents (ArrayRecord + neighbour file) are not '
+               'available yet; run with --config.data.source=synthetic (or digits)',
+}
 
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str | None], DataSource]] = {
     'synthetic': SyntheticSource.from_config,
     'digits': digits.DigitsSource.from_config,
-    'latents': _latents_pending,
 }
 
 
 def make_source(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSource:
   """Builds the source named by config.data.source; `workdir` holds caches (digits neighbours)."""
   name = config.data.source
+  if name in PLANNED:
+    raise ValueError(f'data.source {name!r}: {PLANNED[name]}')
   if name not in SOURCES:
     raise ValueError(f'unknown data.source {name!r}; known: {", ".join(sorted(SOURCES))}')
   return SOURCES[name](config, workdir)
