@@ -54,13 +54,18 @@ def tiny_config(**overrides):
   c.log_every_steps = 1
   c.ckpt_every_steps = 2
   c.mesh.shape = (1, -1, 1)
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys ('optim.lr') on a ConfigDict, like --config.optim.lr on the command line."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *parents, leaf = key.split('.')
     for p in parents:
       node = node[p]
     node[leaf] = value
-  return c
+  return config
 
 
 @pytest.fixture

@@ -1,24 +1,18 @@
 """Data pipeline: sources, neighbour grouping and the Grain stream (CPU, a few seconds)."""
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
+from conftest import apply_overrides, load_config
 from groupdiff_jax.data import grouping, pipeline, sources
 from groupdiff_jax.layout import layout_from_config
 from groupdiff_jax.retrieval import neighbor_file
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _config(source='digits', **overrides):
-  """configs/common.py (not a package) with tiny sizes; overrides use 'a.b' keys."""
-  spec = importlib.util.spec_from_file_location('_common_config', ROOT / 'configs' / 'common.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  """configs/common.py with tiny sizes; overrides use 'a.b' keys."""
+  c = load_config('common')
   c.data.source = source
   c.data.global_batch = 32
   c.data.image_size = 16
@@ -30,13 +24,7 @@ def _config(source='digits', **overrides):
     c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 1000
     c.data.synthetic_size = 256   # 8 steps per epoch at batch 32
     c.data.neighbors_k = 8
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 @pytest.fixture(scope='module')
