@@ -6,10 +6,10 @@ Multi-host (TPU pods, GPU clusters): every host runs the same command; pass --di
 (Cloud TPU needs no other flag; elsewhere set --coordinator, --num_processes, --process_id or the
 SLURM/OpenMPI environment that jax.distributed.initialize detects).
 """
-import sys
-
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from groupdiff_jax import cli
 
 config_flags.DEFINE_config_file('config', None, 'A config file from configs/.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
@@ -33,18 +33,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv):
   del argv
-  if not FLAGS['verbosity'].present:  # progress lines are print()s on stdout; keep stderr for
-    logging.set_verbosity(logging.WARNING)  # problems (Orbax logs INFO per save otherwise)
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   from groupdiff_jax import train  # pylint: disable=import-outside-toplevel
-  try:
-    train.train(FLAGS.config, FLAGS.workdir)
-  except user_errors() as e:
-    print(f'groupdiff_jax: error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+  train.train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, dirs=('workdir',), user_errors=user_errors)

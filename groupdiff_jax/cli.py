@@ -1,0 +1,136 @@
+"""How every `python -m groupdiff_jax.X` job starts and fails.
+
+A user's mistake (a wrong flag, an unknown or misspelled config key, a missing config file, a bad
+value, bad input data) ends the job with exactly one line on stderr,
+
+  groupdiff_jax: error: <what is wrong, and what to do>
+
+and exit status 2, with no traceback; a directory the failed start created (and left empty) is
+removed again. Bugs still raise with their traceback.
+
+  def main(argv): ...                      # raises cli.UserError (or a job's listed errors)
+  if __name__ == '__main__':
+    define_flags()
+    cli.run(main, dirs=('workdir',))
+"""
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import app, flags, logging
+
+PROG = 'groupdiff_jax'
+EXIT_USAGE = 2
+
+
+class UserError(ValueError):
+  """Bad input from the user: the message names the problem on one line."""
+
+
+def fail(message: str) -> NoReturn:
+  """Prints the one-line error and exits with status 2."""
+  print(f'{PROG}: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USAGE)
+
+
+def one_line(exc: BaseException) -> str:
+  """An exception's message on one line (unwraps ml_collections' KeyError-in-AttributeError)."""
+  while exc.args and isinstance(exc.args[0], BaseException):
+    exc = exc.args[0]
+  text = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+  return ' '.join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def _config_flags(flag_values: flags.FlagValues) -> list[str]:
+  """Names of the ml_collections config-file flags (they alone have a config_filename)."""
+  return [name for name in flag_values if hasattr(type(flag_values[name]), 'config_filename')]
+
+
+def _missing_key_message(exc: BaseException, argv: Sequence[str], config_names: list[str]) -> str:
+  """'--config.optim.lrr: unknown config key 'lrr' (did you mean 'lr'?)' from ml_collections'."""
+  text = one_line(exc)
+  key = re.match(r"""^['"]?([^'"\s]+)['"]?""", text)
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  arg = next((a.split('=', 1)[0] for a in argv[1:] if key and any(
+      a.startswith(f'--{c}.') for c in config_names) and
+      re.search(rf'\.{re.escape(key.group(1))}(=|$|\.)', a.split('=', 1)[0])), None)
+  where = f'{arg}: ' if arg else ''
+  name = key.group(1) if key else text
+  hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ''
+  return f'{where}unknown config key {name!r}{hint}'
+
+
+def _config_file_message(argv: Sequence[str], name: str, exc: BaseException) -> str:
+  path = next((a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')), '')
+  path = path.split(':', 1)[0]
+  if path and not os.path.isfile(path):
+    return f'--{name}={path}: no such config file'
+  cause = exc.__cause__ or exc
+  return f'--{name}={path}: the config file does not load: {one_line(cause)}'
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every failure (flags and config files) as the one-line error."""
+  fv = flags.FLAGS
+  config_names = _config_flags(fv)
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    required = re.search(r'Flag (--\S+) must have a value other than None', str(e))
+    fail(f'{required.group(1)} is required' if required else
+         one_line(e) + (' (see --helpshort)' if 'Unknown command line flag' in str(e) else ''))
+  except (KeyError, AttributeError) as e:  # ml_collections: an override of a key that is absent
+    fail(_missing_key_message(e, argv, config_names))
+  except OSError as e:  # an override applied to a config file that did not load
+    name = next((n for n in config_names if fv[n].present), config_names[0] if config_names else '')
+    fail(_config_file_message(argv, name, e) if name else one_line(e))
+  except Exception as e:  # pylint: disable=broad-except  # the config file itself raised
+    fail(f'the command line or config file is invalid: {type(e).__name__}: {one_line(e)}')
+  for name in config_names:  # a config file is loaded lazily: make a missing one fail here
+    try:
+      value = fv[name].value
+      if value is not None:
+        getattr(value, 'keys')
+    except Exception as e:  # pylint: disable=broad-except
+      fail(_config_file_message(argv, name, e))
+  if len(rest) > 1:
+    fail(f'unexpected arguments {" ".join(rest[1:])!r} (flags are written --name=value)')
+  return rest
+
+
+def _remove_if_empty(path: str) -> None:
+  """Removes `path` and its sub-directories when no file is below it."""
+  for root, _, files in os.walk(path, topdown=False):
+    if files:
+      return
+    try:
+      os.rmdir(root)
+    except OSError:
+      return
+
+
+def run(main: Callable[[list[str]], Any], *, dirs: Sequence[str] = ('workdir',),
+        user_errors: Callable[[], tuple[type[BaseException], ...]] | None = None,
+        quiet_logs: bool = True) -> None:
+  """Runs `main` as a program: one-line errors for flags and for `UserError` (plus
+  `user_errors()`, a callable so that heavy modules import only after flag parsing).
+
+  dirs: flags naming output directories; one that this start created is removed again when the
+  job fails with a user error and left no file in it.
+  """
+  def wrapped(argv: list[str]) -> None:
+    fv = flags.FLAGS
+    if quiet_logs and not fv['verbosity'].present:  # progress lines are print()s on stdout;
+      logging.set_verbosity(logging.WARNING)        # stderr is for problems (Orbax logs INFO)
+    new = [fv[d].value for d in dirs if d in fv and fv[d].value and not os.path.exists(fv[d].value)]
+    errors = (UserError,) + (tuple(user_errors()) if user_errors else ())
+    try:
+      main(argv)
+    except errors as e:
+      for path in new:
+        _remove_if_empty(path)
+      fail(one_line(e))
+
+  app.run(wrapped, flags_parser=parse_flags)
