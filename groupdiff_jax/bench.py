@@ -9,13 +9,17 @@ device, MFU and peak memory. N=1 is the plain SiT baseline.
 """
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from groupdiff_jax import cli
 
 config_flags.DEFINE_config_file('config', None, 'A config file from configs/.', lock_config=True)
 flags.DEFINE_list('group_sizes', ['1', '4', '16'], 'Group sizes to time.')
 flags.DEFINE_enum('mode', 'l', ['l', 'f'], "GroupDiff-l (uncond groups only) or -f (all).")
 flags.DEFINE_integer('steps', 10, 'Timed steps per group size (after 2 warm-up steps).')
+flags.register_validator('group_sizes', lambda v: all(s.isdigit() and int(s) > 0 for s in v),
+                         message='--group_sizes takes positive integers, e.g. 1,4,16')
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
@@ -92,5 +96,11 @@ def main(argv):
           + ' |', flush=True)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+  from groupdiff_jax import layout, sharding  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.models import sit  # pylint: disable=import-outside-toplevel
+  return (layout.LayoutError, sit.ModelConfigError, sharding.MeshError)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, dirs=(), user_errors=user_errors)

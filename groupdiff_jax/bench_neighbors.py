@@ -19,9 +19,9 @@ import platform
 import resource
 import time
 
-from absl import app, flags
+from absl import flags
 
-from groupdiff_jax import neighbors
+from groupdiff_jax import cli, neighbors
 from groupdiff_jax.retrieval import synthetic
 
 
@@ -107,4 +107,4 @@ if __name__ == '__main__':
   flags.DEFINE_integer('recall_queries', 1000, 'Queries checked against exact search.')
   flags.DEFINE_integer('seed', 0, 'Generator seed.')
   flags.DEFINE_multi_string('set', [], 'neighbours config override, e.g. scann.num_leaves=1500')
-  app.run(main)
+  cli.run(main, dirs=())

@@ -13,6 +13,8 @@ removed again. Bugs still raise with their traceback.
     define_flags()
     cli.run(main, dirs=('workdir',))
 """
+import difflib
+import importlib.util
 import os
 import re
 import sys
@@ -48,18 +50,39 @@ def _config_flags(flag_values: flags.FlagValues) -> list[str]:
   return [name for name in flag_values if hasattr(type(flag_values[name]), 'config_filename')]
 
 
+def _load_config(argv: Sequence[str], name: str) -> Any:
+  """The config that --NAME=PATH[:ARG] names, without overrides (absl drops it on a failed parse)."""
+  value = next((a.split('=', 1)[1] for a in argv if a.startswith(f'--{name}=')), '')
+  path, *arg = value.split(':', 1)
+  try:
+    spec = importlib.util.spec_from_file_location(f'_cli_config_{name}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
+  except Exception:  # pylint: disable=broad-except  # reported by the caller's generic message
+    return None
+
+
 def _missing_key_message(exc: BaseException, argv: Sequence[str], config_names: list[str]) -> str:
-  """'--config.optim.lrr: unknown config key 'lrr' (did you mean 'lr'?)' from ml_collections'."""
-  text = one_line(exc)
-  key = re.match(r"""^['"]?([^'"\s]+)['"]?""", text)
-  suggestion = re.search(r'Did you mean "([^"]+)"', text)
-  arg = next((a.split('=', 1)[0] for a in argv[1:] if key and any(
-      a.startswith(f'--{c}.') for c in config_names) and
-      re.search(rf'\.{re.escape(key.group(1))}(=|$|\.)', a.split('=', 1)[0])), None)
-  where = f'{arg}: ' if arg else ''
-  name = key.group(1) if key else text
-  hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ''
-  return f'{where}unknown config key {name!r}{hint}'
+  """"--config.optim.lrr: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"."""
+  for arg in argv[1:]:
+    name, _, dotted = arg.lstrip('-').split('=', 1)[0].partition('.')
+    if name not in config_names or not dotted:
+      continue
+    node = _load_config(argv, name)
+    if node is None:
+      continue
+    keys = dotted.split('.')
+    for depth, key in enumerate(keys):
+      if not hasattr(node, 'keys') or key not in node.keys():
+        known = list(node.keys()) if hasattr(node, 'keys') else []
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+        where = '.'.join(keys[:depth])
+        hint = f" (did you mean '{'.'.join(keys[:depth] + close)}'?)" if close else (
+            f" ({where or 'the config'} has: {', '.join(sorted(known))})" if known else '')
+        return f'--{name}.{dotted}: unknown config key {".".join(keys[:depth + 1])!r}{hint}'
+      node = node[key]
+  return f'unknown config key: {one_line(exc)}'
 
 
 def _config_file_message(argv: Sequence[str], name: str, exc: BaseException) -> str:
@@ -100,6 +123,18 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def _first_missing(path: str) -> str | None:
+  """The outermost directory of `path` that does not exist yet (None if `path` exists)."""
+  path = os.path.abspath(path)
+  missing = None
+  while not os.path.exists(path):
+    missing, parent = path, os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  return missing
+
+
 def _remove_if_empty(path: str) -> None:
   """Removes `path` and its sub-directories when no file is below it."""
   for root, _, files in os.walk(path, topdown=False):
@@ -124,13 +159,14 @@ def run(main: Callable[[list[str]], Any], *, dirs: Sequence[str] = ('workdir',),
     fv = flags.FLAGS
     if quiet_logs and not fv['verbosity'].present:  # progress lines are print()s on stdout;
       logging.set_verbosity(logging.WARNING)        # stderr is for problems (Orbax logs INFO)
-    new = [fv[d].value for d in dirs if d in fv and fv[d].value and not os.path.exists(fv[d].value)]
+    new = [_first_missing(fv[d].value) for d in dirs if d in fv and fv[d].value]
     errors = (UserError,) + (tuple(user_errors()) if user_errors else ())
     try:
       main(argv)
     except errors as e:
       for path in new:
-        _remove_if_empty(path)
+        if path:
+          _remove_if_empty(path)
       fail(one_line(e))
 
   app.run(wrapped, flags_parser=parse_flags)

@@ -13,13 +13,12 @@ written to a temporary sibling directory and renamed at the very end.
 import dataclasses
 import os
 import shutil
-import sys
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from groupdiff_jax import convert_io
+from groupdiff_jax import cli, convert_io
 from groupdiff_jax import convert_keys
 from groupdiff_jax.convert_keys import ConversionError, params_to_official  # re-exported
 from groupdiff_jax.models import sit
@@ -277,18 +276,13 @@ def main(argv: list[str]) -> None:
   del argv
   missing = [n for n in ('src', 'kind', 'out') if not getattr(FLAGS, n)]
   if missing:
-    print(f'error: required flags: {", ".join("--" + n for n in missing)}', file=sys.stderr)
-    sys.exit(2)
-  try:
-    convert_file(FLAGS.src, FLAGS.kind, FLAGS.out, heads=FLAGS.heads,
-                 input_size=FLAGS.input_size, max_group_size=FLAGS.max_group_size,
-                 drop_sigma=FLAGS.drop_sigma, sample_init=FLAGS.sample_init,
-                 allow_pickle=FLAGS.allow_pickle, seed=FLAGS.seed)
-  except ConversionError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    raise cli.UserError(f'required flags: {", ".join("--" + n for n in missing)}')
+  convert_file(FLAGS.src, FLAGS.kind, FLAGS.out, heads=FLAGS.heads,
+               input_size=FLAGS.input_size, max_group_size=FLAGS.max_group_size,
+               drop_sigma=FLAGS.drop_sigma, sample_init=FLAGS.sample_init,
+               allow_pickle=FLAGS.allow_pickle, seed=FLAGS.seed)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main, dirs=('out',), user_errors=lambda: (ConversionError,))

@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
+from groupdiff_jax import cli
 from groupdiff_jax.models import encoders
 from groupdiff_jax.retrieval import embedding_store, image_sources, preprocess
 from groupdiff_jax.retrieval.errors import InputError
@@ -160,12 +161,8 @@ def _write_lines(path: str, lines: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except InputError as e:
-    raise SystemExit(f'embed: error: {e}') from None
+  del argv
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
@@ -174,4 +171,4 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'embed config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory that receives the embedding shards.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main, dirs=('workdir',))

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from groupdiff_jax import cli
 from groupdiff_jax.retrieval import backends, neighbor_file, stats
 from groupdiff_jax.retrieval.embedding_store import EmbeddingSet
 from groupdiff_jax.retrieval.errors import InputError
@@ -122,12 +123,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except InputError as e:
-    raise SystemExit(f'neighbors: error: {e}') from None
+  del argv
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
@@ -136,4 +133,4 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'neighbours config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory that receives the neighbour file.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run(main, dirs=('workdir',))

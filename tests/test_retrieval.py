@@ -158,9 +158,9 @@ def test_cli_prints_one_line_error(tmp_path):
        f'--config={ROOT}/configs/neighbors_default.py', f'--config.embeddings={tmp_path}/emb',
        '--config.k=10', f'--workdir={tmp_path}/out'],
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-  assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1] == (
-      'neighbors: error: K=10 must be smaller than the number of images n=10')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      'groupdiff_jax: error: K=10 must be smaller than the number of images n=10']
   assert not os.path.exists(tmp_path / 'out')
 
 
