@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 ITEMS = ('state', 'ema', 'data', 'meta', 'params')
 
@@ -99,6 +100,11 @@ class Checkpointer:
     """
     failed = []
     for step in reversed(self.steps()):
+      bad = (misfit(os.path.join(self.directory, str(step), 'state'), state)
+             or misfit(os.path.join(self.directory, str(step), 'ema'), ema))
+      if bad:
+        failed.append((step, ValueError(bad)))
+        continue
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract(state, state_shardings)),
@@ -136,6 +142,39 @@ class Checkpointer:
     self.manager.reload()
 
 
+def _path_key(path: tuple) -> str:
+  """'opt_state/1/0/mu/blocks/qkv/kernel' for a key path of dicts, sequences or namedtuples."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def misfit(item_dir: str, target: Any) -> str | None:
+  """Names the first array whose stored shape differs from `target`'s, read from the item's
+  metadata. Checked before restoring: a restore that fails inside Orbax's asynchronous reads
+  leaves un-awaited futures behind (warnings at exit) and says less."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    stored = handler.metadata(epath.Path(item_dir))
+  except Exception:  # pylint: disable=broad-except  # unreadable metadata: restore reports it
+    return None
+  finally:
+    handler.close()
+  want = {_path_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  for path, meta in jax.tree_util.tree_leaves_with_path(stored):
+    key = _path_key(path)
+    shape = tuple(getattr(meta, 'shape', ()) or ())
+    if key in want and shape != want[key]:
+      return f'{key} is {shape} in the checkpoint but {want[key]} in this config'
+  return None
+
+
 def _first_line(e: BaseException, limit: int = 200) -> str:
   lines = str(e).strip().splitlines()
   return lines[0][:limit] if lines else ''
@@ -162,6 +201,14 @@ def load_weights(path: str, *, params: Any, shardings: Any, prefer_ema: bool = T
   names = ckpt.item_names(step)
   meta = ckpt.read_meta(step) if 'meta' in names else {}
   target = _abstract(params, shardings)
+  step_dir = os.path.join(ckpt.directory, str(step))
+  bad = (misfit(os.path.join(step_dir, 'params'), params) if 'params' in names else
+         misfit(os.path.join(step_dir, 'state'), {'params': params}))
+  if bad:
+    ckpt.close()
+    raise CheckpointError(f'checkpoint {path} (step {step}, model '
+                          f'{meta.get("model", {}).get("name", "?")}) does not fit this model: '
+                          f'{bad}')
   try:
     if 'params' in names:
       items = {'params': ocp.args.StandardRestore(target)}

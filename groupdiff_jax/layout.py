@@ -60,3 +60,20 @@ def make_layout(global_batch: int, cond_size: int, uncond_size: int,
 def layout_from_config(config: ml_collections.ConfigDict) -> BatchLayout:
   return make_layout(config.data.global_batch, config.group.cond_size, config.group.uncond_size,
                      config.group.uncond_fraction)
+
+
+def describe_split(layout: BatchLayout, uncond_fraction: float) -> tuple[str, str | None]:
+  """The effective conditional/unconditional split as a sentence, and a warning when it is
+  further from the requested fraction than rounding to whole groups explains (half a group)."""
+  requested = uncond_fraction * layout.global_batch
+  share = layout.num_uncond / layout.global_batch
+  line = (f'{layout.num_cond} cond (groups of {layout.cond_group_size}) + {layout.num_uncond} '
+          f'uncond (groups of {layout.uncond_group_size}) = {100 * share:.1f}% unconditional '
+          f'(requested {100 * uncond_fraction:.1f}% = {requested:g} images)')
+  warning = None
+  if abs(layout.num_uncond - requested) > layout.uncond_group_size / 2:
+    warning = (f'warning: the unconditional share is {layout.num_uncond}/{layout.global_batch} '
+               f'= {100 * share:.1f}%, not the requested {100 * uncond_fraction:.1f}%: '
+               f'{requested:g} images do not make whole groups of {layout.uncond_group_size}; '
+               f'choose data.global_batch or group.uncond_size to fit')
+  return line, warning

@@ -9,7 +9,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from groupdiff_jax import checkpoint, flops, generate, image_grid, sharding, train_step
+from groupdiff_jax import checkpoint, flops, generate, image_grid, progress, sharding, train_step
+from groupdiff_jax import layout as batch_layout
 from groupdiff_jax.data import pipeline
 from groupdiff_jax.metrics_writer import MetricsWriter
 
@@ -72,17 +73,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.mesh_from_config(config)
   trainer = train_step.build(config, mesh)
   layout = trainer.layout
-  print(f'mesh {dict(mesh.shape)} | model {config.model.name} | batch: {layout.num_cond} cond '
-        f'(groups of {layout.cond_group_size}) + {layout.num_uncond} uncond (groups of '
-        f'{layout.uncond_group_size})', flush=True)
+  split, split_warning = batch_layout.describe_split(layout, config.group.uncond_fraction)
+  progress.say(f'mesh {dict(mesh.shape)} | model {config.model.name} | batch: {split}')
+  if split_warning:
+    progress.say(split_warning)
   batch_axes = dict(trainer.rules).get('batch') or ()
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   for name, groups in (('conditional', layout.num_cond_groups),
                        ('unconditional', layout.num_uncond_groups)):
     if groups % shards:  # XLA pads uneven shards and reshuffles groups: it works, but costs
-      print(f'note: {groups} {name} groups over {shards} batch shards is uneven; a group count '
-            f'that is a multiple of {shards} keeps every group on one device', flush=True)
+      progress.say(f'note: {groups} {name} groups over {shards} batch shards is uneven; a group '
+                   f'count that is a multiple of {shards} keeps every group on one device')
 
   # --- data -------------------------------------------------------------------------------
   data = pipeline.make_train_data(config, layout, workdir=workdir,
@@ -105,7 +107,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step, items = restored
     state = dict(items['state'], ema=items['ema'])
     data.set_state(items['data'])
-    print(f'resumed from step {start_step} in {ckpt.directory}', flush=True)
+    finished = ' (total_steps reached: nothing to train)' if start_step >= config.total_steps else ''
+    progress.say(f'resumed from step {start_step} in {ckpt.directory}{finished}')
   elif config.init_from:
     params, ema, meta = checkpoint.load_weights(config.init_from, params=abstract['params'],
                                                 shardings=sh['params'])
@@ -118,18 +121,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'{saved_convention}')
     state = train_step.init_state(trainer, config.seed, params=ema if ema is not None else params)
     start_step = 0
-    print(f'fine-tuning from {config.init_from} ({meta.get("source", "trainer checkpoint")}, '
-          f'{"EMA" if ema is not None else "raw"} weights)', flush=True)
+    progress.say(f'fine-tuning from {config.init_from} '
+                 f'({meta.get("source", "trainer checkpoint")}, '
+                 f'{"EMA" if ema is not None else "raw"} weights)')
   else:
     state = train_step.init_state(trainer, config.seed)
     start_step = 0
 
   if is_main:  # only now: a config refused above must not overwrite the run's config.json
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=1))
+    write_if_changed(os.path.join(workdir, 'config.json'), config.to_json(indent=1))
 
   # --- the loop ---------------------------------------------------------------------------
   step_fn = train_step.make_train_step(trainer, config)
+  if start_step < config.total_steps:  # compile before the clock starts, and say so
+    progress.say('compiling the train step...')
+    t0 = time.perf_counter()
+    step_fn = step_fn.compile(state, abstract_batch(trainer, data))
+    progress.say(f'compiled the train step in {time.perf_counter() - t0:.1f}s')
   writer = MetricsWriter(workdir, config.total_steps, images_per_step=layout.global_batch,
                          flops_per_step=flops.train_flops_per_batch(trainer.model_cfg, layout),
                          peak_flops=flops.peak_flops_per_device(), num_devices=mesh.size)
@@ -142,10 +150,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not math.isfinite(loss):  # never write a diverged state over the last good one
       raise TrainingDiverged(f'loss is {loss} at step {step}; stopped without saving, the last '
                              f'good checkpoint in {ckpt.directory} is kept')
+    t0 = time.perf_counter()
     ckpt.save(step, state={k: state[k] for k in saved_keys}, ema=state['ema'],
               data=data.get_state(), meta=dict(meta, step=step), force=True)
+    writer.exclude(time.perf_counter() - t0)  # checkpoint time is not training throughput
 
-  writer.start(start_step)
+  if start_step < config.total_steps:
+    writer.start(start_step)
   step, metrics = start_step, None
   try:
     while step < config.total_steps:
@@ -164,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.ckpt_every_steps == 0 or done or preempted:
         save(step, metrics)
       if preempted:
-        print(f'preemption signal: saved step {step}, exiting', flush=True)
+        progress.say(f'preemption signal: saved step {step}, exiting')
         break
   finally:  # also on divergence or a crash: finish writing the async save still in flight
     ckpt.close()
@@ -179,8 +190,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       path = os.path.join(workdir, f'samples_step{step}.png')
       image_grid.save_grid(images, path, columns=max(config.sample.cond_group_size,
                                                      config.sample.uncond_group_size), scale=4)
-      print(f'wrote {path} ({len(images)} samples, {time.perf_counter() - t0:.1f}s)', flush=True)
+      progress.say(f'wrote {path} ({len(images)} samples, {time.perf_counter() - t0:.1f}s)')
   return dict(last, step=step)
+
+
+def abstract_batch(trainer: train_step.Trainer, data: pipeline.TrainData) -> dict:
+  """Global shapes, dtypes and shardings of a batch, for compiling the step ahead of time."""
+  return {k: jax.ShapeDtypeStruct((trainer.layout.global_batch, *spec.shape[1:]), spec.dtype,
+                                  sharding=trainer.batch_shardings[k])
+          for k, spec in data.element_spec.items()}
+
+
+def write_if_changed(path: str, text: str) -> None:
+  """Writes `text` to `path` unless it already holds exactly that (a rerun changes nothing)."""
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
 
 
 def steps_done(workdir: str) -> list[int]:

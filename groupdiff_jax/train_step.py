@@ -150,5 +150,12 @@ def make_train_step(trainer: Trainer, config) -> Callable[[State, dict], tuple[S
   def run(state, batch):
     with sharding.use_mesh(trainer.mesh, trainer.rules):  # activation constraints at trace time
       return jitted(state, batch)
+
+  def compile_ahead(state, batch) -> Callable[[State, dict], tuple[State, dict]]:
+    """The step compiled now, for (abstract) arguments of these shapes and shardings; callers
+    time it and call the result, so no later step pays for compilation."""
+    with sharding.use_mesh(trainer.mesh, trainer.rules):
+      return jitted.lower(state, batch).compile()
   run.jitted = jitted
+  run.compile = compile_ahead
   return run

@@ -40,6 +40,12 @@ def test_demo_end_to_end(demo_run):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'Traceback' not in proc.stderr
   assert 'step 3/3 | loss' in proc.stdout
+  # The log says what it measures: compile time on its own line, throughput without it.
+  out = proc.stdout
+  assert out.index('compiling the train step...') < out.index('compiled the train step in ') \
+      < out.index('step 1/3')
+  assert 'compilation and checkpoint writes are excluded' in out
+  assert '12 cond (groups of 1) + 4 uncond (groups of 4) = 25.0% unconditional' in out
   # The grid: 8 samples of 16x16, 4 columns (the sampler's group size), 2-pixel borders, x4.
   path = os.path.join(workdir, 'samples_step3.png')
   assert f'wrote {path} (8 samples' in proc.stdout
@@ -53,6 +59,23 @@ def test_demo_end_to_end(demo_run):
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['model']['name'] == 'SiT-d1h32n2/4'
   assert any(n.startswith('events.out.tfevents') for n in os.listdir(os.path.join(workdir, 'tb')))
+
+
+def test_rerun_of_a_finished_run_changes_nothing_but_the_grid(demo_run, tmp_path):
+  earlier, _ = demo_run
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(earlier, workdir, copy_function=shutil.copy2)
+  before = snapshot(workdir)
+  mtimes = {p: os.stat(os.path.join(workdir, p)).st_mtime_ns for p in before}
+  proc = run_cli(workdir, *DEMO_TINY)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'total_steps reached: nothing to train' in proc.stdout
+  assert 'compiling the train step' not in proc.stdout
+  after = snapshot(workdir)
+  assert set(after) == set(before)  # no new event file, no new checkpoint
+  changed = {p for p in before if os.stat(os.path.join(workdir, p)).st_mtime_ns != mtimes[p]}
+  assert changed <= {'samples_step3.png'}, changed
+  assert after == before  # the grid is re-rendered, identically
 
 
 def snapshot(root):

@@ -73,6 +73,20 @@ def test_layout_errors_name_the_problem():
     layout.make_layout(16, 1, 4, 1.5)
 
 
+@pytest.mark.parametrize('batch,uncond,frac,share,warns', [
+    (256, 4, 0.10, '9.4% unconditional (requested 10.0% = 25.6 images)', False),  # rounding
+    (64, 3, 0.125, '14.1% unconditional (requested 12.5% = 8 images)', False),
+    (7, 4, 0.125, '57.1% unconditional (requested 12.5% = 0.875 images)', True),  # forced group
+    (64, 4, 0.125, '12.5% unconditional (requested 12.5% = 8 images)', False),
+])
+def test_split_is_stated_and_warned_when_off(batch, uncond, frac, share, warns):
+  line, warning = layout.describe_split(layout.make_layout(batch, 1, uncond, frac), frac)
+  assert share in line
+  assert (warning is not None) == warns
+  if warns:
+    assert warning.startswith('warning: the unconditional share is 4/7')
+
+
 def test_flop_count_matches_published_sit_xl():
   cfg = sit.SiTConfig(depth=28, hidden=1152, heads=16, patch=2)
   # DiT paper: 118.6 GMACs per SiT/DiT-XL/2 image (2 FLOPs each).
