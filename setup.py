@@ -1,8 +1,8 @@
 """groupdiff_jax: Group Diffusion (GroupDiff) trainer for JAX/Flax on TPU/GPU meshes."""
 import setuptools
 
-# Version ranges below are the ones tested here: Python 3.11 with jax 0.10.x and Python 3.12 with
-# jax 0.11-0.12 (see ../shared/reference/toolchain_notes.md for the resolved sets).
+# Version ranges below are the ones tested: Python 3.11 with jax 0.10.x (flax 0.12.8, orbax 0.12.8,
+# grain 0.2.18) and Python 3.12 with jax 0.11-0.12 (flax 0.12.12); jax >= 0.11 needs Python 3.12.
 INSTALL_REQUIRES = [
     "jax>=0.10.0,<0.13",
     "flax>=0.12.8,<0.14",

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a lent H100/H200 (or any CUDA machine with jax[cuda] preinstalled):
-# installs what is missing from local wheels, then prints the BENCHMARKS.md tables.
+# One-shot GPU check for an H100/H200 (or any CUDA machine with jax[cuda] preinstalled): installs
+# what is missing, then prints the BENCHMARKS.md tables.
 #
-#   WHEELS=.wheels launch/gpu_bench.sh          # .wheels = a copy of ../shared/wheels/py312
+#   launch/gpu_bench.sh                    # a machine that reaches the package index
+#   WHEELS=.wheels launch/gpu_bench.sh     # an offline machine: wheels made beforehand with
+#                                          #   launch/download_wheels.sh .wheels 3.12
 set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
 export PYTHONUNBUFFERED=1
+PACKAGES=(grain ml_collections scann tensorflow-datasets importlib_resources)
 if [ -n "${WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --find-links "$WHEELS" \
-    grain ml_collections scann tensorflow-datasets importlib_resources || exit 1
+  python3 -m pip install -q --no-index --find-links "$WHEELS" "${PACKAGES[@]}" || exit 1
+else
+  python3 -m pip install -q "${PACKAGES[@]}" || exit 1
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

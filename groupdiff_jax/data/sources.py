@@ -7,8 +7,7 @@ A source is what the pipeline reads from:
                       first, itself excluded (the retrieval.neighbor_file layout)
   src.image_shape     (H, W, C)
 `__getitem__` is called from grain's reader threads, so it must not open files: everything is
-loaded or memory-mapped once in `__init__` (np.load inside grain threads crashed, see
-shared/reference/toolchain_notes.md).
+loaded or memory-mapped once in `__init__` (np.load inside grain's threads crashed Python 3.11.7).
 """
 from collections.abc import Callable
 from typing import Protocol
