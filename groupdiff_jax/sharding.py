@@ -37,7 +37,7 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int],
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
     raise MeshError(f'mesh shape {tuple(shape)} needs {math.prod(shape)} devices, '
-                    f'but {len(devices)} are present')
+                    f'but {len(devices)} {"is" if len(devices) == 1 else "are"} present')
   try:  # topology-aware device order on TPU/GPU; plain order where that is not available
     from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=devices)
