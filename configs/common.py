@@ -40,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.group.uncond_size = 4
   c.group.uncond_fraction = 0.1  # share of the global batch that is unconditional
   c.group.t_spread = 0.0         # delta: members' t drawn within +-delta of a shared base t
-  c.group.neighbors = 'greedy'   # greedy: nearest unused of top-K (official code) | threshold
+  # How partners are picked (groupdiff_jax/data/grouping.py): greedy (nearest unused of the top K,
+  # the official code) | threshold (random above group.threshold, the paper) | class (same class,
+  # the official query_sim=class ablation) | random (uniformly at random, ablation)
+  c.group.neighbors = 'greedy'
   c.group.threshold = 0.7        # cosine threshold of the 'threshold' mode (paper)
 
   c.optim = ml_collections.ConfigDict()
@@ -60,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.image_size = 32         # digits: resize side
   c.data.num_threads = 1
   c.data.prefetch_batches = 4
-  c.data.neighbors_k = 32        # neighbours kept per image when a source builds its own file
+  c.data.neighbors_k = 100       # neighbours kept per image when a source builds its own file
   c.data.synthetic_size = 65_536  # images in the synthetic source
 
   # Mesh: named axes with sizes; -1 fills the remaining devices. Rules map logical axis names

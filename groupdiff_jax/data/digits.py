@@ -24,7 +24,7 @@ import numpy as np
 from groupdiff_jax.retrieval import exact, neighbor_file
 
 ENCODER = 'centred-pixels-8x8-l2'
-DEFAULT_K = 32
+DEFAULT_K = 100  # the official code's top-100
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -78,14 +78,14 @@ class DigitsSource:
     if image_size != 8:
       x = np.asarray(jax.image.resize(x, (len(x), image_size, image_size, 1), 'linear'))
     self._images = np.clip(x, -1.0, 1.0).astype(np.float32)
-    self._labels = labels
+    self.labels = labels
     self.image_shape = (image_size, image_size, 1)
 
   def __len__(self) -> int:
-    return len(self._labels)
+    return len(self.labels)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-    return self._images[index], int(self._labels[index])
+    return self._images[index], int(self.labels[index])
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,

@@ -38,11 +38,16 @@ class _Planner:
 
   def __init__(self, source: sources.DataSource, layout: BatchLayout, *, mode: str,
                threshold: float, seed: int):
+    if mode not in grouping.MODES:
+      raise ValueError(f'unknown group.neighbors mode {mode!r}; known: '
+                       f'{", ".join(grouping.MODES)}')
     self._nbr_ids, self._nbr_sims = source.neighbors
     if self._nbr_ids.shape[0] != len(source):
       raise ValueError(f'neighbour lists cover {self._nbr_ids.shape[0]} images, the source '
                        f'has {len(source)}')
-    self._layout, self._mode, self._threshold, self._seed = layout, mode, threshold, seed
+    self._layout, self.mode, self._threshold, self._seed = layout, mode, threshold, seed
+    # Class labels of every image: only the 'class' grouping mode reads them.
+    self._labels = np.asarray(source.labels) if mode == 'class' else None
     self._lock = threading.Lock()
     self._plans: dict[int, grouping.EpochPlan] = {}
     self.steps_per_epoch: int | None = None
@@ -58,9 +63,9 @@ class _Planner:
         # a different number of groups would draw other anchors, so a recomputed (evicted)
         # epoch 0 would differ from the first one.
         plan = grouping.plan_epoch(
-            self._nbr_ids, self._nbr_sims, self._layout, mode=self._mode,
+            self._nbr_ids, self._nbr_sims, self._layout, mode=self.mode,
             threshold=self._threshold, seed=self._seed, epoch=epoch,
-            steps=None if epoch == 0 else self.steps_per_epoch)
+            steps=None if epoch == 0 else self.steps_per_epoch, labels=self._labels)
       self._plans[epoch] = plan  # re-inserted last: the dict's order is least recently used
       while len(self._plans) > 2:  # threads straddle at most one epoch boundary
         del self._plans[next(iter(self._plans))]
@@ -151,11 +156,21 @@ class TrainData:
     """The image ids of global batch `step` (all processes), in layout order."""
     return np.array(self._planner.global_ids(step))
 
-  def epoch_stats(self, epoch: int) -> dict[str, int]:
-    """Planning statistics of an epoch (anchors tried/failed, groups formed/reused)."""
+  def epoch_stats(self, epoch: int) -> dict[str, int | float]:
+    """Planning statistics of an epoch (anchors tried/failed, groups formed/reused, partners)."""
     p = self._planner.plan(epoch)
     return {'steps': p.steps, 'num_anchors': p.num_anchors, 'num_failed': p.num_failed,
-            'num_groups': p.num_groups, 'num_repeated': p.num_repeated}
+            'num_groups': p.num_groups, 'num_repeated': p.num_repeated,
+            'num_partners': p.num_partners, 'partners_found': p.partners_found,
+            'mean_partner_sim': p.mean_partner_sim}
+
+  def summary(self) -> str:
+    """One line for the trainer's startup: the effective unconditional share of the batch (the
+    layout rounds group.uncond_fraction to whole groups) and epoch 0's grouping statistics."""
+    lay = self.layout
+    return (f'data: {self._fingerprint["source"]}, {len(self.source)} images | unconditional '
+            f'{lay.num_uncond}/{lay.global_batch} = {100 * lay.num_uncond / lay.global_batch:.1f}%'
+            f' of each batch | epoch 0 {self._planner.plan(0).summary(self._planner.mode)}')
 
 
 def make_train_data(config: ml_collections.ConfigDict, layout: BatchLayout, *,

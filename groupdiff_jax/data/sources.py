@@ -6,6 +6,7 @@ A source is what the pipeline reads from:
   src.neighbors       (ids int32 [n, K], sims [n, K]): each image's top-K neighbours, most similar
                       first, itself excluded (the retrieval.neighbor_file layout)
   src.image_shape     (H, W, C)
+  src.labels          int [n]: every image's class (read once, by the 'class' grouping mode)
 `__getitem__` is called from grain's reader threads, so it must not open files: everything is
 loaded or memory-mapped once in `__init__` (np.load inside grain's threads crashed Python 3.11.7).
 """
@@ -24,6 +25,7 @@ DEFAULT_SYNTHETIC_SIZE = 65_536  # images in the synthetic set (config.data.synt
 class DataSource(Protocol):
   image_shape: tuple[int, int, int]
   neighbors: tuple[np.ndarray, np.ndarray]
+  labels: np.ndarray
 
   def __len__(self) -> int: ...
 
@@ -31,7 +33,7 @@ class DataSource(Protocol):
 
 
 class SyntheticSource:
-  """Random normal images and random labels, deterministic in (seed, index).
+  """Random normal images and random labels, deterministic in (seed, index) and (seed).
 
   Its pseudo neighbour structure: a seeded shuffle of the ids cut into clusters of K+1, and
   each id's neighbours are the other K members of its cluster (the tail cluster wraps around).
@@ -43,8 +45,10 @@ class SyntheticSource:
     if not 0 < k < num_examples:
       raise ValueError(f'synthetic source: need 0 < K={k} < n={num_examples}')
     self.image_shape = tuple(image_shape)
-    self._n, self._num_classes, self._seed = num_examples, num_classes, seed
+    self._n, self._seed = num_examples, seed
     self.neighbors = _cluster_neighbors(num_examples, k, np.random.default_rng([seed, 1]))
+    self.labels = np.random.default_rng([seed, 2]).integers(
+        num_classes, size=num_examples).astype(np.int32)
 
   def __len__(self) -> int:
     return self._n
@@ -54,8 +58,7 @@ class SyntheticSource:
     if not 0 <= index < self._n:
       raise IndexError(f'synthetic index {index} out of range [0, {self._n})')
     rng = np.random.default_rng([self._seed, 0, index])  # per-index: order/thread independent
-    label = int(rng.integers(self._num_classes))
-    return rng.standard_normal(self.image_shape, dtype=np.float32), label
+    return rng.standard_normal(self.image_shape, dtype=np.float32), int(self.labels[index])
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
