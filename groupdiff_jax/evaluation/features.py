@@ -43,28 +43,42 @@ class FeatureExtractor:
       return {k: out[k] for k in OUTPUTS}
 
     self._extract = jax.jit(extract, out_shardings=self.images_sharding)
+    self._cache: dict[tuple[int, ...], jax.stages.Compiled] = {}
+
+  def _compiled(self, image_shape: tuple[int, ...]):
+    """The extraction compiled ahead of time for one image size (kept out of progress rates)."""
+    if image_shape not in self._cache:
+      spec = jax.ShapeDtypeStruct((self.batch_size,) + image_shape, jnp.uint8,
+                                  sharding=self.images_sharding)
+      self._cache[image_shape] = self._extract.lower(self.state, spec).compile()
+    return self._cache[image_shape]
 
   def batch(self, images: np.ndarray) -> dict[str, np.ndarray]:
     """Features of one batch of at most `batch_size` images."""
     n = len(images)
+    if n > self.batch_size:
+      raise ValueError(f'{n} images exceed the batch size {self.batch_size}')
+    compiled = self._compiled(tuple(images.shape[1:]))
     padded = np.zeros((self.batch_size,) + images.shape[1:], np.uint8)
     padded[:n] = images
-    out = self._extract(self.state, jax.device_put(jnp.asarray(padded), self.images_sharding))
+    out = compiled(self.state, jax.device_put(padded, self.images_sharding))
     return {k: np.asarray(v)[:n] for k, v in out.items()}
+
+  def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Features of any number of images (in batches, no progress lines)."""
+    parts = [self.batch(images[i:i + self.batch_size])
+             for i in range(0, len(images), self.batch_size)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUTS}
 
   def run(self, batches: Iterable[np.ndarray], total: int, label: str) -> dict[str, np.ndarray]:
     """Features of every image in `batches` (each at most batch_size), with progress lines."""
     progress = progress_lib.Progress(label, total, unit='images')
     parts: dict[str, list[np.ndarray]] = {k: [] for k in OUTPUTS}
-    first = True
     for images in batches:
-      if first:  # the first call compiles: keep it out of the rate
-        progress.pause()
-      out = self.batch(images)
-      if first:
-        progress.resume()
-        first = False
-      for k, v in out.items():
+      progress.pause()  # compiling for a new image size does not count towards the rate
+      self._compiled(tuple(images.shape[1:]))
+      progress.resume()
+      for k, v in self.batch(images).items():
         parts[k].append(v)
       progress.update(len(images))
     return {k: np.concatenate(v) for k, v in parts.items()}

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from groupdiff_jax.cli import UserError
+
 HIGHEST = jax.lax.Precision.HIGHEST  # FID statistics are sensitive: no TF32/bf16 passes on GPU/TPU
 NUM_CLASSES = 1008
 SPATIAL_CHANNELS = 7  # the ADM evaluator keeps mixed_6/conv[..., :7]
@@ -208,8 +210,8 @@ def _abstract_split():
 
 # --- loading the PyTorch state dict ------------------------------------------------------------
 
-class WeightsError(ValueError):
-  """The weights file does not match the FID InceptionV3."""
+class WeightsError(UserError):
+  """The weights file does not match the FID InceptionV3 (a user error: one line, exit 2)."""
 
 
 # PyTorch leaf name -> (nnx attribute, layout change)
