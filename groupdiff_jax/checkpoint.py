@@ -41,9 +41,18 @@ class Checkpointer:
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only, cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        max_to_keep=None if read_only else max_to_keep, enable_async_checkpointing=async_save,
+        read_only=read_only, create=not read_only, cleanup_tmp_directories=not read_only,
+        save_interval_steps=0 if read_only else 1)
+    # A read-only manager logs 'Given directory is read only' as a warning: expected here.
+    absl_logger = logging.getLogger('absl')
+    level = absl_logger.level
+    if read_only:
+      absl_logger.setLevel(max(level, logging.ERROR))
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    finally:
+      absl_logger.setLevel(level)
     self._read_only = read_only
     self._terminate = threading.Event()
 
@@ -186,6 +195,31 @@ def find_checkpoint_dir(path: str) -> str:
   return candidate if os.path.isdir(candidate) else path
 
 
+def _raw_params_args(names: set[str], target: Any, shardings: Any) -> dict:
+  """Restore args of the raw parameters: a converted checkpoint's `params` item, or the params of
+  a trainer's `state` item without reading its optimizer state (partial restore)."""
+  if 'params' in names:
+    return {'params': ocp.args.StandardRestore(target)}
+  return {'state': ocp.args.PyTreeRestore(
+      item={'params': target},
+      restore_args={'params': jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)},
+      partial_restore=True)}
+
+
+def restore_weights(ckpt: Checkpointer, step: int, *, ema: bool, params: Any, shardings: Any
+                    ) -> Any:
+  """One weights tree of `step`, placed straight onto `shardings`: the EMA item, or the raw
+  parameters. Nothing else (optimizer state, data state) is read."""
+  target = _abstract(params, shardings)
+  names = ckpt.item_names(step)
+  items = {'ema': ocp.args.StandardRestore(target)} if ema else _raw_params_args(
+      names, target, shardings)
+  out = ckpt.manager.restore(step, args=ocp.args.Composite(**items))
+  if ema:
+    return out['ema']
+  return out['params'] if 'params' in names else out['state']['params']
+
+
 def load_weights(path: str, *, params: Any, shardings: Any, prefer_ema: bool = True
                  ) -> tuple[Any, Any, dict]:
   """Weights for fine-tuning or sampling from a run or a converted checkpoint.
@@ -210,14 +244,7 @@ def load_weights(path: str, *, params: Any, shardings: Any, prefer_ema: bool = T
                           f'{meta.get("model", {}).get("name", "?")}) does not fit this model: '
                           f'{bad}')
   try:
-    if 'params' in names:
-      items = {'params': ocp.args.StandardRestore(target)}
-    else:
-      items = {'state': ocp.args.PyTreeRestore(
-          item={'params': target},
-          restore_args={'params': jax.tree.map(
-              lambda s: ocp.ArrayRestoreArgs(sharding=s), shardings)},
-          partial_restore=True)}
+    items = _raw_params_args(names, target, shardings)
     if 'ema' in names and prefer_ema:
       items['ema'] = ocp.args.StandardRestore(target)
     out = ckpt.manager.restore(step, args=ocp.args.Composite(**items))

@@ -9,6 +9,11 @@ where `group_size` contiguous images attend to each other (GroupDiff), `rng` is 
 model call (the model draws per-group sample-embedding ids from it), and C' >= C: with learned
 sigma the model returns 2C channels and only the first C are the velocity.
 
+`rng` is one key for the batch, or one typed key per image (`jax.random.key` array of shape [B]).
+With per-image keys every random draw of image i (step noise, the keys velocity_fn gets) derives
+from its own key only, so a sample does not depend on the batch it was drawn in (the offline
+sampling job relies on this; velocity_fn then receives per-image keys too).
+
 Each sampler is one `lax.scan` over its steps, so a call is one compiled loop.
 """
 import functools
@@ -20,6 +25,23 @@ import jax.numpy as jnp
 VelocityFn = Callable[[jax.Array, jax.Array, jax.Array, int, jax.Array], jax.Array]
 # The guided velocity at one step: (x, scalar t, rng) -> v with x's channels.
 _StepVelocity = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def per_image_keys(rng: jax.Array) -> bool:
+  return jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1
+
+
+def split_keys(rng: jax.Array, num: int) -> jax.Array:
+  """jax.random.split along a new leading axis, per image for per-image keys ([num, B])."""
+  if per_image_keys(rng):
+    return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, num))(rng), 0, 1)
+  return jax.random.split(rng, num)
+
+
+def normal_noise(rng: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  if per_image_keys(rng):
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(rng)
+  return jax.random.normal(rng, shape, dtype)
 
 
 def _sbdm_diffusion(t: jax.Array) -> jax.Array:
@@ -37,7 +59,7 @@ def _sde(vel: _StepVelocity, x: jax.Array, rng: jax.Array, num_steps: int,
   The last step (last_step_size -> 0) uses the drift only, so no noise is added at t = 0.
   """
   ts = 1.0 - jnp.linspace(0.0, 1.0 - last_step_size, num_steps, dtype=jnp.float32)
-  keys = jax.random.split(rng, num_steps)
+  keys = split_keys(rng, num_steps)
 
   def drift(x, t, key):
     v = vel(x, t, key)
@@ -46,9 +68,9 @@ def _sde(vel: _StepVelocity, x: jax.Array, rng: jax.Array, num_steps: int,
 
   def step(x, inputs):
     t_cur, t_next, key = inputs
-    key_v, key_z = jax.random.split(key)
+    key_v, key_z = split_keys(key, 2)
     dt = t_cur - t_next
-    noise = jax.random.normal(key_z, x.shape, x.dtype)
+    noise = normal_noise(key_z, x.shape, x.dtype)
     x = x - drift(x, t_cur, key_v) * dt + jnp.sqrt(2.0 * _sbdm_diffusion(t_cur) * dt) * noise
     return x, None
 
@@ -66,7 +88,7 @@ def _euler(vel: _StepVelocity, x: jax.Array, rng: jax.Array, num_steps: int,
     t_cur, t_next, key = inputs
     return x + (t_next - t_cur) * vel(x, t_cur, key), None
 
-  x, _ = jax.lax.scan(step, x, (ts[:-1], ts[1:], jax.random.split(rng, num_steps)))
+  x, _ = jax.lax.scan(step, x, (ts[:-1], ts[1:], split_keys(rng, num_steps)))
   return x
 
 
@@ -80,7 +102,7 @@ def _heun(vel: _StepVelocity, x: jax.Array, rng: jax.Array, num_steps: int,
   """
   del last_step_size
   ts = jnp.linspace(1.0, 0.0, num_steps + 1, dtype=jnp.float32)
-  keys = jax.random.split(rng, 2 * num_steps)
+  keys = split_keys(rng, 2 * num_steps)
   keys_pred, keys_corr = keys[0::2], keys[1::2]
 
   def step(x, inputs):
@@ -137,7 +159,7 @@ def _guided_velocity(velocity_fn: VelocityFn, labels: jax.Array, *, cfg_scale: f
   def vel(x, t, rng):
     channels = x.shape[-1]
     t_batch = jnp.full((x.shape[0],), t, jnp.float32)
-    key_c, key_u = jax.random.split(rng)
+    key_c, key_u = split_keys(rng, 2)
     cond = velocity_fn(x, t_batch, labels, cond_group_size, key_c)[..., :channels]
     cond = cond.astype(x.dtype)
     if cfg_scale == 1.0:

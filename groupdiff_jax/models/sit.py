@@ -98,6 +98,20 @@ def config_from(model_cfg) -> SiTConfig:
       time_convention=model_cfg.time_convention)
 
 
+# Fields of a checkpoint's meta['model'] that define the function (the rest are runtime choices).
+META_FIELDS = ('input_size', 'in_channels', 'num_classes', 'learn_sigma', 'max_group_size',
+               'fixed_sample_ids', 'time_convention')
+
+
+def config_from_meta(model_meta: dict, **overrides) -> SiTConfig:
+  """The SiTConfig a checkpoint's meta['model'] records (trainer or converter); `overrides` set
+  runtime fields (dtype, attention) and win over the recorded ones."""
+  _, depth, hidden, heads, patch = parse_name(model_meta['name'])
+  fields = {k: model_meta[k] for k in META_FIELDS if k in model_meta}
+  fields.update(overrides)
+  return SiTConfig(depth=depth, hidden=hidden, heads=heads, patch=patch, **fields)
+
+
 # --- initialisers, each with its logical axes ---------------------------------------------------
 
 def _xavier(axes):
@@ -264,7 +278,8 @@ class SiT(nnx.Module):
     return x.reshape(n, g * p, g * p, c)
 
   def __call__(self, x, t, y, *, group_size: int = 1, rng: jax.Array | None = None,
-               sample_ids: jax.Array | None = None):
+               sample_ids: jax.Array | None = None, group_blocks: int | None = None):
+    """group_blocks: None = group attention in every block; k = only in the first k (static)."""
     cfg = self.cfg
     n = x.shape[0]
     if n % group_size:
@@ -285,12 +300,23 @@ class SiT(nnx.Module):
 
     graphdef, layers = nnx.split(self.blocks)
 
-    def one_block(h, layer):
-      return nnx.merge(graphdef, layer)(h, c, group_size), None
+    def run_blocks(h, layers, size):
+      def one_block(h, layer):
+        return nnx.merge(graphdef, layer)(h, c, size), None
+      if cfg.remat:
+        one_block = jax.checkpoint(one_block, policy=jax.checkpoint_policies.nothing_saveable)
+      return jax.lax.scan(one_block, h, layers)[0]
 
-    if cfg.remat:
-      one_block = jax.checkpoint(one_block, policy=jax.checkpoint_policies.nothing_saveable)
-    h, _ = jax.lax.scan(one_block, h, layers)
+    # Inference group schedule (the paper's Table 2 ablation): only the first `group_blocks`
+    # blocks attend across the group, the rest per image. Two scans over the stacked layers,
+    # because the attention reshape (a static shape) differs between the two parts.
+    k = cfg.depth if group_blocks is None else min(max(group_blocks, 0), cfg.depth)
+    if k == cfg.depth or group_size == 1:
+      h = run_blocks(h, layers, group_size)
+    else:
+      if k:
+        h = run_blocks(h, jax.tree.map(lambda a: a[:k], layers), group_size)
+      h = run_blocks(h, jax.tree.map(lambda a: a[k:], layers), 1)
     out = self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)
     if cfg.time_convention == 'noise_at_0':  # d/dt flips sign with t -> 1 - t (velocity only)
       out = out.at[..., :cfg.in_channels].multiply(-1.0)
