@@ -5,14 +5,15 @@
       --workdir=/data/emb/imagenet_dinov2_l
 
 Writes WORKDIR/manifest.json + embeddings-XXXXX-of-YYYYY.npy (retrieval/embedding_store.py), and
-image_ids.txt for a folder source. Batches are sharded over all devices (a 1-D 'data' mesh); the
+image_ids.txt for a folder source. Images come from the shared source layer
+(data/image_sources.py), so ids match the encode job's. An unreadable image is skipped: it is
+listed in the manifest's "failed" and its row is a random unit vector (seeded by its id) that
+keeps the id space whole; the trainer never draws it, since the latents lack it. Batches are sharded over all devices (a 1-D 'data' mesh); the
 encoder's own preprocessing is applied (host: resize + centre crop in PIL threads; device:
 normalisation). Rerunning the same command resumes: finished shards are skipped.
 """
 import concurrent.futures
-import hashlib
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,24 +25,15 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from groupdiff_jax import cli
+from groupdiff_jax import cli, progress
+from groupdiff_jax.data import image_sources
 from groupdiff_jax.models import encoders
-from groupdiff_jax.retrieval import embedding_store, image_sources, preprocess
+from groupdiff_jax.retrieval import embedding_store, preprocess
 from groupdiff_jax.retrieval.errors import InputError
 
 # Manifest fields that must agree for a rerun to resume rather than mix two jobs.
 _IDENTITY = ('dataset', 'encoder', 'n', 'dim', 'dtype', 'shard_size', 'ids', 'id_list_sha1',
              'preprocess')
-
-
-def _print(msg: str) -> None:
-  print(msg, flush=True)
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
-      f'{seconds // 60}m{seconds % 60:02d}s'
 
 
 def make_embed_fn(encoder: encoders.Encoder, spec: encoders.Preprocess, mesh: Mesh):
@@ -56,8 +48,7 @@ def make_embed_fn(encoder: encoders.Encoder, spec: encoders.Preprocess, mesh: Me
 
 def _plan(config, source: image_sources.ImageSource, encoder: encoders.Encoder,
           spec: encoders.Preprocess) -> dict[str, Any]:
-  id_sha = (hashlib.sha1('\n'.join(source.id_list).encode()).hexdigest()
-            if source.id_list is not None else '')
+  id_sha = source.id_list_sha1
   return embedding_store.plan_manifest(
       dataset=source.name, encoder=f'{encoder.kind}:{encoder.name}', n=source.size,
       dim=encoder.embed_dim, shard_size=config.shard_size, ids=source.ids, source=source.info,
@@ -78,7 +69,7 @@ def _check_resume(workdir: str, plan: dict[str, Any]) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        log: Callable[[str], None] = _print) -> dict[str, Any]:
+        log: Callable[[str], None] = progress.say) -> dict[str, Any]:
   """Embeds the configured dataset into workdir; returns the manifest."""
   if not workdir:
     raise InputError('--workdir is not set')
@@ -98,7 +89,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                spec.mean, spec.std)
   manifest = _plan(config, source, encoder, spec)
   _check_resume(workdir, manifest)
-  embedding_store.write_manifest(workdir, manifest)
+  previous = manifest_failed(workdir)
+  embedding_store.write_manifest(workdir, dict(manifest, failed=previous))
   if source.id_list is not None:
     _write_lines(os.path.join(workdir, 'image_ids.txt'), source.id_list)
 
@@ -115,16 +107,23 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       f'{config.shard_size} ({len(shards) - len(todo)} already done), encoder '
       f'{manifest["encoder"]} dim {manifest["dim"]}, batch {bsz} over {ndev} devices')
 
-  def prepare(i: int) -> np.ndarray:
-    try:
-      return preprocess.resize_and_crop(source.load(i), spec)
-    except InputError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except
-      where = source.id_list[i] if source.id_list is not None else f'record {i}'
-      raise RuntimeError(f'image id {i} ({where}): {e}') from e
+  # Failed images of shards already done (a resumed run keeps them; redone shards re-list).
+  done_files = {s['file'] for s in shards} - {s['file'] for s in todo}
+  failed = [f for f in previous if _shard_of(shards, f['id']) in done_files]
 
-  t0, done, last_log = time.time(), 0, 0.0
+  def prepare(i: int) -> np.ndarray | None:
+    image, _, why = source.try_read(i)
+    if image is None:
+      failed.append({'id': i, 'image': source.describe(i), 'error': why})
+      return None
+    try:
+      return preprocess.resize_and_crop(image, spec)
+    except ValueError as e:  # e.g. smaller than the crop after resizing: unusable like a corrupt one
+      failed.append({'id': i, 'image': source.describe(i), 'error': f'ValueError: {e}'})
+      return None
+
+  bar = progress.Progress('embed', total, unit='images', every_s=config.log_every_s, log=log)
+  blank = np.zeros((spec.crop, spec.crop, 3), np.uint8)
   with concurrent.futures.ThreadPoolExecutor(max(1, config.num_workers)) as pool:
     for shard in todo:
       ids = range(shard['start'], shard['start'] + shard['count'])
@@ -132,25 +131,43 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       out = np.empty((len(ids), manifest['dim']), np.float32)
       pending = [pool.submit(prepare, i) for i in batches[0]]
       for bi, batch in enumerate(batches):
-        images = np.stack([f.result() for f in pending])
+        results = [f.result() for f in pending]
         if bi + 1 < len(batches):  # decode the next batch while the devices run this one
           pending = [pool.submit(prepare, i) for i in batches[bi + 1]]
+        images = np.stack([blank if r is None else r for r in results])
         if len(images) < bsz:
           images = np.concatenate([images, np.zeros((bsz - len(images),) + images.shape[1:],
                                                     np.uint8)])
-        emb = fn(state, jax.device_put(images, batch_sharding))
+        emb = np.asarray(fn(state, jax.device_put(images, batch_sharding)))[:len(batch)]
+        for j, r in enumerate(results):
+          if r is None:  # a placeholder that keeps the id space whole (see the module docstring)
+            emb[j] = placeholder_row(batch.start + j, manifest['dim'])
         row = batch.start - shard['start']
-        out[row:row + len(batch)] = np.asarray(emb)[:len(batch)]
-        done += len(batch)
-        now = time.time()
-        if now - last_log >= config.log_every_s or done == total:
-          last_log, rate = now, done / max(now - t0, 1e-9)
-          log(f'embed: {done}/{total} images ({100 * done / max(total, 1):.1f}%) '
-              f'shard {shards.index(shard) + 1}/{len(shards)} {rate:.1f} img/s '
-              f'ETA {_duration((total - done) / max(rate, 1e-9))}')
+        out[row:row + len(batch)] = emb
+        bar.update(len(batch), extra=f'shard {shards.index(shard) + 1}/{len(shards)}')
       embedding_store.write_shard(workdir, shard, out, manifest['dtype'])
-  log(f'embed: done, {len(shards)} shards in {workdir} ({_duration(time.time() - t0)} this run)')
+      manifest['failed'] = sorted(failed, key=lambda f: f['id'])
+      embedding_store.write_manifest(workdir, manifest)
+  log(f'embed: done, {len(shards)} shards in {workdir} ({progress.duration(bar.seconds)} this '
+      f'run), {len(manifest.get("failed", failed))} unreadable images skipped')
   return manifest
+
+
+def placeholder_row(image_id: int, dim: int) -> np.ndarray:
+  """A random unit vector seeded by the id: unlike any real embedding, never NaN or zero."""
+  x = np.random.default_rng([image_id, 7]).standard_normal(dim)
+  return (x / np.linalg.norm(x)).astype(np.float32)
+
+
+def manifest_failed(workdir: str) -> list[dict[str, Any]]:
+  """The failed images a previous run of this job recorded ([] for a fresh workdir)."""
+  if not os.path.exists(os.path.join(workdir, embedding_store.MANIFEST)):
+    return []
+  return list(embedding_store.read_manifest(workdir).get('failed', []))
+
+
+def _shard_of(shards: list[dict[str, Any]], image_id: int) -> str:
+  return next(s['file'] for s in shards if s['start'] <= image_id < s['start'] + s['count'])
 
 
 def _write_lines(path: str, lines: list[str]) -> None:
