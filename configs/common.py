@@ -58,8 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = 'synthetic'    # synthetic | digits | latents
   c.data.global_batch = 256
-  c.data.path = ''               # latents/neighbour files for data.source='latents'
+  c.data.path = ''               # latents: the encode job's workdir (ArrayRecord shards)
   c.data.neighbors = ''          # neighbour file dir (retrieval.neighbor_file format)
+  c.data.dataset = ''            # latents: refuse latents of another dataset ('' = any)
   c.data.image_size = 32         # digits: resize side
   c.data.num_threads = 1
   c.data.prefetch_batches = 4

@@ -2,7 +2,8 @@
 the flow-matching objective (the sigma channels get no loss):
 
   python -m groupdiff_jax.main --config=configs/dit_xl.py --workdir=DIR \
-      --config.data.source=synthetic
+      --config.data.path=/data/latents/imagenet256 \
+      --config.data.neighbors=/data/neighbors/imagenet_dinov2_l
 """
 import os
 import sys

@@ -12,6 +12,8 @@ Then build the neighbour file:
 """
 import ml_collections
 
+from groupdiff_jax.data import image_sources
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -25,12 +27,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.crop = 0
   c.log_every_s = 30.0      # progress line period
 
-  c.data = ml_collections.ConfigDict()
-  c.data.kind = 'folder'    # folder | tfds
-  c.data.name = ''          # dataset name for manifest/header; '' = folder:<abs path>
-  c.data.path = ''          # folder: root directory (searched recursively)
-  c.data.tfds_name = ''     # tfds: dataset name, e.g. 'imagenet_latents/256' (prepared, offline)
-  c.data.split = 'train'
-  c.data.data_dir = ''      # tfds: data_dir ('' = the TFDS default)
-  c.data.image_key = 'image'
+  c.data = image_sources.default_config('folder')  # folder | tfds (data/image_sources.py)
   return c

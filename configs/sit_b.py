@@ -1,7 +1,8 @@
 """SiT-B/2 + GroupDiff-l (N=4) on ImageNet-256 latents; otherwise as configs/sit_xl.py:
 
   python -m groupdiff_jax.main --config=configs/sit_b.py --workdir=DIR \
-      --config.data.source=synthetic
+      --config.data.path=/data/latents/imagenet256 \
+      --config.data.neighbors=/data/neighbors/imagenet_dinov2_l
 """
 import os
 import sys

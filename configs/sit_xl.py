@@ -1,9 +1,12 @@
 """SiT-XL/2 + GroupDiff-l (N=4) on ImageNet-256 SD-VAE latents (32x32x4), global batch 256,
-official GroupDiff optimiser defaults. Until the latent data pipeline lands, run it on synthetic
-latents:
+official GroupDiff optimiser defaults. Prepare the latents and the neighbour file once
+(launch/prepare_imagenet.sh; README "Train on ImageNet"), then:
 
   python -m groupdiff_jax.main --config=configs/sit_xl.py --workdir=DIR \
-      --config.data.source=synthetic
+      --config.data.path=/data/latents/imagenet256 \
+      --config.data.neighbors=/data/neighbors/imagenet_dinov2_l
+
+Without data: --config.data.source=synthetic (random latents, same shapes).
 """
 import os
 import sys
@@ -16,6 +19,8 @@ def get_config():
   c = common.get_config()
   c.model.name = 'SiT-XL/2'
   c.data.source = 'latents'
+  c.data.path = ''       # the encode job's workdir (required for latents)
+  c.data.neighbors = ''  # the neighbors job's workdir (required for latents)
   c.data.global_batch = 256
   c.group.cond_size = 1
   c.group.uncond_size = 4

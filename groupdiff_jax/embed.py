@@ -138,7 +138,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         if len(images) < bsz:
           images = np.concatenate([images, np.zeros((bsz - len(images),) + images.shape[1:],
                                                     np.uint8)])
-        emb = np.asarray(fn(state, jax.device_put(images, batch_sharding)))[:len(batch)]
+        emb = np.array(fn(state, jax.device_put(images, batch_sharding)))[:len(batch)]
         for j, r in enumerate(results):
           if r is None:  # a placeholder that keeps the id space whole (see the module docstring)
             emb[j] = placeholder_row(batch.start + j, manifest['dim'])

@@ -112,6 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       'embeddings': os.path.abspath(config.embeddings),
       'index': dict(params, backend=name), 'recall': rec, 'grouping': group,
       'ids': emb.manifest.get('ids', ''),
+      'id_list_sha1': emb.manifest.get('id_list_sha1', ''),  # the id order, checked by training
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'seconds': {'load': round(t_loaded - t_start, 1), 'index': round(t_index - t_loaded, 1),
                   'recall': round(t_recall - t_index, 1)},

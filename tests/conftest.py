@@ -1,5 +1,7 @@
 """Tests run on CPU with 8 fake devices; GPU/TPU-only tests carry markers and skip elsewhere."""
+import contextlib
 import importlib.util
+import json
 import os
 import sys
 
@@ -7,6 +9,7 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,3 +74,87 @@ def apply_overrides(config, overrides: dict):
 @pytest.fixture
 def tiny():
   return tiny_config
+
+
+# --- shared builders for tests of the offline jobs and the trainer ----------------------------
+
+LOOP_ONLY = ('total_steps', 'log_every_steps', 'ckpt_every_steps', 'keep_ckpts')
+
+
+@contextlib.contextmanager
+def compiled_step_cache():
+  """Every train() call jits a fresh step function (~10 s to compile on CPU). Inside this
+  context a step for the same config (loop-only fields aside) and the same devices is built once
+  and reused: it is what make_train_step would compile again. (JAX's persistent compilation
+  cache is no way out: executables it loads deadlock in collectives on 8 fake CPU devices, jax
+  0.10.2.)
+  """
+  from groupdiff_jax import train_step  # pylint: disable=import-outside-toplevel
+  built = {}
+  real = train_step.make_train_step
+
+  def make_train_step(trainer, config):
+    cfg = config.to_dict()
+    key = (json.dumps({k: v for k, v in cfg.items() if k not in LOOP_ONLY}, sort_keys=True,
+                      default=str),
+           tuple(trainer.mesh.axis_names), tuple(trainer.mesh.devices.shape),
+           tuple(d.id for d in trainer.mesh.devices.flat))
+    if key not in built:
+      built[key] = real(trainer, config)
+    return built[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train_step, 'make_train_step', make_train_step)
+    yield
+
+
+def random_dinov2_folder(d, hidden=32, depth=1, heads=2, patch=14, image_size=28):
+  """A random DINOv2 checkpoint in the Hugging Face layout, written with numpy only (no torch)."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  r = lambda *s: (0.1 * rng.standard_normal(s)).astype(np.float32)
+  g = image_size // patch
+  t = {'embeddings.cls_token': r(1, 1, hidden), 'embeddings.mask_token': r(1, hidden),
+       'embeddings.position_embeddings': r(1, 1 + g * g, hidden),
+       'embeddings.patch_embeddings.projection.weight': r(hidden, 3, patch, patch),
+       'embeddings.patch_embeddings.projection.bias': r(hidden),
+       'layernorm.weight': 1 + r(hidden), 'layernorm.bias': r(hidden)}
+  for i in range(depth):
+    p = f'encoder.layer.{i}.'
+    for name, shape in [('attention.attention.query', (hidden, hidden)),
+                        ('attention.attention.key', (hidden, hidden)),
+                        ('attention.attention.value', (hidden, hidden)),
+                        ('attention.output.dense', (hidden, hidden)),
+                        ('mlp.fc1', (4 * hidden, hidden)), ('mlp.fc2', (hidden, 4 * hidden))]:
+      t[p + name + '.weight'], t[p + name + '.bias'] = r(*shape), r(shape[0])
+    for name in ('norm1', 'norm2'):
+      t[p + name + '.weight'], t[p + name + '.bias'] = 1 + r(hidden), r(hidden)
+    t[p + 'layer_scale1.lambda1'], t[p + 'layer_scale2.lambda1'] = r(hidden), r(hidden)
+  os.makedirs(d, exist_ok=True)
+  save_file(t, os.path.join(d, 'model.safetensors'))
+  with open(os.path.join(d, 'config.json'), 'w') as f:
+    json.dump({'model_type': 'dinov2', 'hidden_size': hidden, 'num_hidden_layers': depth,
+               'num_attention_heads': heads, 'mlp_ratio': 4, 'patch_size': patch,
+               'image_size': image_size, 'layer_norm_eps': 1e-6}, f)
+  return d
+
+
+def random_vae_folder(d, channels=(8, 16), groups=4, seed=0):
+  """A random SD-VAE (AutoencoderKL) in the diffusers layout, written without torch: our model's
+  parameters mapped to diffusers names (models/vae_weights.py). Downsamples by 2**(len-1)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.models import vae, vae_weights  # pylint: disable=import-outside-toplevel
+  cfg = vae.VAEConfig(block_out_channels=tuple(channels), layers_per_block=1,
+                      norm_num_groups=groups)
+  params = nnx.to_pure_dict(nnx.state(vae.create(cfg, seed=seed), nnx.Param))
+  os.makedirs(d, exist_ok=True)
+  save_file(vae_weights.params_to_diffusers(params),
+            os.path.join(d, vae_weights.WEIGHTS_FILE))
+  with open(os.path.join(d, 'config.json'), 'w') as f:
+    json.dump({'_class_name': 'AutoencoderKL', 'block_out_channels': list(channels),
+               'layers_per_block': 1, 'norm_num_groups': groups, 'latent_channels': 4,
+               'in_channels': 3, 'out_channels': 3, 'scaling_factor': 0.18215,
+               'down_block_types': ['DownEncoderBlock2D'] * len(channels),
+               'up_block_types': ['UpDecoderBlock2D'] * len(channels)}, f)
+  return d

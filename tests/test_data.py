@@ -74,7 +74,7 @@ def test_synthetic_source_is_deterministic():
 
 def test_unknown_source_error():
   with pytest.raises(ValueError, match=r"unknown data.source 'nope'; known: digits, "
-                     r'synthetic$'):
+                     r'latents, synthetic$'):
     sources.make_source(_config('nope'))
 
 
@@ -223,6 +223,9 @@ def test_threshold_pipeline_runs(workdir):
     assert all(sims[anchor, row.index(m)] >= 0.7 for m in members)
 
 
-def test_planned_source_says_what_to_use_now():
-  with pytest.raises(ValueError, match=r"data.source 'latents': .*--config.data.source=synthetic"):
-    sources.make_source(_config('latents'))
+def test_latents_without_paths_name_the_preparation_commands():
+  for unset in ('path', 'neighbors'):
+    config = _config('latents', **{'data.path': '/x', 'data.neighbors': '/y', f'data.{unset}': ''})
+    with pytest.raises(ValueError, match=rf"needs config.data.{unset} .*groupdiff_jax.encode.*"
+                                         r"groupdiff_jax.embed.*groupdiff_jax.neighbors"):
+      sources.make_source(config)

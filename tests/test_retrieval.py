@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, random_dinov2_folder
 from groupdiff_jax import embed, neighbors
 from groupdiff_jax.retrieval import (embedding_store, exact, neighbor_file, scann_index,
                                      synthetic)
@@ -166,37 +166,6 @@ def test_cli_prints_one_line_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Embed job.
-def _random_dinov2_folder(d, hidden=32, depth=1, heads=2, patch=14, image_size=28):
-  """A random DINOv2 checkpoint in the hub layout, written with numpy only (no torch)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(0)
-  r = lambda *s: (0.1 * rng.standard_normal(s)).astype(np.float32)
-  g = image_size // patch
-  t = {'embeddings.cls_token': r(1, 1, hidden), 'embeddings.mask_token': r(1, hidden),
-       'embeddings.position_embeddings': r(1, 1 + g * g, hidden),
-       'embeddings.patch_embeddings.projection.weight': r(hidden, 3, patch, patch),
-       'embeddings.patch_embeddings.projection.bias': r(hidden),
-       'layernorm.weight': 1 + r(hidden), 'layernorm.bias': r(hidden)}
-  for i in range(depth):
-    p = f'encoder.layer.{i}.'
-    for name, shape in [('attention.attention.query', (hidden, hidden)),
-                        ('attention.attention.key', (hidden, hidden)),
-                        ('attention.attention.value', (hidden, hidden)),
-                        ('attention.output.dense', (hidden, hidden)),
-                        ('mlp.fc1', (4 * hidden, hidden)), ('mlp.fc2', (hidden, 4 * hidden))]:
-      t[p + name + '.weight'], t[p + name + '.bias'] = r(*shape), r(shape[0])
-    for name in ('norm1', 'norm2'):
-      t[p + name + '.weight'], t[p + name + '.bias'] = 1 + r(hidden), r(hidden)
-    t[p + 'layer_scale1.lambda1'], t[p + 'layer_scale2.lambda1'] = r(hidden), r(hidden)
-  os.makedirs(d, exist_ok=True)
-  save_file(t, os.path.join(d, 'model.safetensors'))
-  with open(os.path.join(d, 'config.json'), 'w') as f:
-    json.dump({'model_type': 'dinov2', 'hidden_size': hidden, 'num_hidden_layers': depth,
-               'num_attention_heads': heads, 'mlp_ratio': 4, 'patch_size': patch,
-               'image_size': image_size, 'layer_norm_eps': 1e-6}, f)
-  return d
-
-
 def _image_folder(d):
   rng = np.random.default_rng(1)
   specs = {'b/img3.png': ((40, 30, 3), 'RGB'), 'a/img1.png': ((25, 50, 3), 'RGB'),
@@ -217,7 +186,7 @@ def _embed_config(model_dir, image_dir):
 
 
 def test_embed_folder_and_resume(tmp_path):
-  config = _embed_config(_random_dinov2_folder(str(tmp_path / 'model')),
+  config = _embed_config(random_dinov2_folder(str(tmp_path / 'model')),
                          _image_folder(tmp_path / 'images'))
   work = tmp_path / 'emb'
   logs = []
@@ -276,7 +245,7 @@ def test_embed_tfds_uint8_tensor_source(tmp_path):
   TinyRetrievalImages(data_dir=str(tmp_path / 'tfds'), file_format='array_record'
                       ).download_and_prepare()
   config = load_config('embed_clip_tfds')
-  config.model_dir = _random_dinov2_folder(str(tmp_path / 'model'))
+  config.model_dir = random_dinov2_folder(str(tmp_path / 'model'))
   config.data.tfds_name, config.data.data_dir = 'tiny_retrieval_images', str(tmp_path / 'tfds')
   config.shard_size = 2
   m = embed.run(config, str(tmp_path / 'emb'), log=lambda s: None)

@@ -12,7 +12,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import compiled_step_cache, tiny_config
 
 from groupdiff_jax import checkpoint, sharding, train, train_step
 from groupdiff_jax.data import pipeline
@@ -20,31 +20,9 @@ from groupdiff_jax.data import pipeline
 K = 2  # the interrupted run stops after K steps, the reference runs 2K
 
 
-LOOP_ONLY = ('total_steps', 'log_every_steps', 'ckpt_every_steps', 'keep_ckpts')
-
-
 @pytest.fixture(scope='module', autouse=True)
 def reuse_compiled_steps():
-  """Every train() call jits a fresh step function (~10 s to compile on CPU). Within this module
-  a step for the same config (loop-only fields aside) and the same devices is built once and
-  reused: it is what make_train_step would compile again. (JAX's persistent compilation cache
-  is no way out: executables it loads deadlock in collectives on 8 fake CPU devices, jax 0.10.2.)
-  """
-  built = {}
-  real = train_step.make_train_step
-
-  def make_train_step(trainer, config):
-    cfg = config.to_dict()
-    key = (json.dumps({k: v for k, v in cfg.items() if k not in LOOP_ONLY}, sort_keys=True,
-                      default=str),
-           tuple(trainer.mesh.axis_names), tuple(trainer.mesh.devices.shape),
-           tuple(d.id for d in trainer.mesh.devices.flat))
-    if key not in built:
-      built[key] = real(trainer, config)
-    return built[key]
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_step, 'make_train_step', make_train_step)
+  with compiled_step_cache():
     yield
 
 

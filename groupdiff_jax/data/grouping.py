@@ -251,7 +251,8 @@ def _take(groups: np.ndarray, count: int) -> tuple[np.ndarray, int]:
 
 def plan_epoch(nbr_ids: np.ndarray, nbr_sims: np.ndarray, layout: BatchLayout, *, mode: str,
                threshold: float, seed: int, epoch: int, steps: int | None = None,
-               labels: np.ndarray | None = None) -> EpochPlan:
+               labels: np.ndarray | None = None,
+               pool: np.ndarray | None = None) -> EpochPlan:
   """The id plan of one epoch: `steps` global batches laid out as `layout` prescribes.
 
   Unconditional groups are formed first (from the whole shuffled dataset), conditional groups
@@ -259,8 +260,9 @@ def plan_epoch(nbr_ids: np.ndarray, nbr_sims: np.ndarray, layout: BatchLayout, *
   With steps=None the epoch is as long as the data allows (at most n // global_batch); a fixed
   `steps` (the pipeline passes epoch 0's) keeps the step -> epoch map fixed, and a later epoch
   that forms fewer groups reuses some of them (counted in num_repeated).
+  `pool` limits the ids drawn (default all n; latents leave unreadable images out).
   """
-  n = nbr_ids.shape[0]
+  n = nbr_ids.shape[0] if pool is None else len(pool)
   b = layout.global_batch
   max_steps = n // b
   if max_steps == 0:
@@ -272,7 +274,7 @@ def plan_epoch(nbr_ids: np.ndarray, nbr_sims: np.ndarray, layout: BatchLayout, *
   # Uncond groups first (from the whole shuffled dataset), then cond groups from what is left;
   # singles (a group size of 1) come last from the remaining shuffled ids, so nothing overlaps.
   grouped = {}
-  rest = rng.permutation(n)
+  rest = rng.permutation(n if pool is None else np.asarray(pool))
   for part, size, per_step in (('uncond', layout.uncond_group_size, layout.num_uncond_groups),
                                ('cond', layout.cond_group_size, layout.num_cond_groups)):
     if size > 1:

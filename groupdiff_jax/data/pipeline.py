@@ -48,6 +48,7 @@ class _Planner:
     self._layout, self.mode, self._threshold, self._seed = layout, mode, threshold, seed
     # Class labels of every image: only the 'class' grouping mode reads them.
     self._labels = np.asarray(source.labels) if mode == 'class' else None
+    self._pool = getattr(source, 'valid_ids', None)  # None: every id may be drawn
     self._lock = threading.Lock()
     self._plans: dict[int, grouping.EpochPlan] = {}
     self.steps_per_epoch: int | None = None
@@ -65,7 +66,8 @@ class _Planner:
         plan = grouping.plan_epoch(
             self._nbr_ids, self._nbr_sims, self._layout, mode=self.mode,
             threshold=self._threshold, seed=self._seed, epoch=epoch,
-            steps=None if epoch == 0 else self.steps_per_epoch, labels=self._labels)
+            steps=None if epoch == 0 else self.steps_per_epoch, labels=self._labels,
+            pool=self._pool)
       self._plans[epoch] = plan  # re-inserted last: the dict's order is least recently used
       while len(self._plans) > 2:  # threads straddle at most one epoch boundary
         del self._plans[next(iter(self._plans))]
@@ -83,11 +85,13 @@ class _ReadElement:
                local_batch: int):
     self._source, self._planner = source, planner
     self._offset, self._local_batch = offset, local_batch
+    read = getattr(source, 'read', None)  # a per-step draw where the source has one
+    self._read = read if read is not None else lambda image_id, step: source[image_id]
 
   def __call__(self, index: int, _: Any) -> dict[str, np.ndarray]:
     step, slot = divmod(int(index), self._local_batch)
     image_id = int(self._planner.global_ids(step)[self._offset + slot])
-    image, label = self._source[image_id]
+    image, label = self._read(image_id, step)
     return {'image': np.asarray(image, np.float32), 'label': np.int32(label)}
 
 

@@ -7,6 +7,9 @@ A source is what the pipeline reads from:
                       first, itself excluded (the retrieval.neighbor_file layout)
   src.image_shape     (H, W, C)
   src.labels          int [n]: every image's class (read once, by the 'class' grouping mode)
+  src.read(i, step)   optional: image i as drawn at training step `step` (a source with per-step
+                      randomness, e.g. a fresh posterior sample of stored latents)
+  src.valid_ids       optional: the ids grouping may draw (default all; unreadable images out)
 `__getitem__` is called from grain's reader threads, so it must not open files: everything is
 loaded or memory-mapped once in `__init__` (np.load inside grain's threads crashed Python 3.11.7).
 """
@@ -16,7 +19,7 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
-from groupdiff_jax.data import digits
+from groupdiff_jax.data import digits, latent_source
 
 DEFAULT_K = digits.DEFAULT_K  # neighbours per image kept for grouping (config.data.neighbors_k)
 DEFAULT_SYNTHETIC_SIZE = 65_536  # images in the synthetic set (config.data.synthetic_size)
@@ -84,24 +87,16 @@ def _cluster_neighbors(n: int, k: int, rng: np.random.Generator) -> tuple[np.nda
   return ids.astype(np.int32), sims.astype(np.float16)
 
 
-# Sources a config may name that land in a later issue: a one-line error says what to use now.
-PLANNED = {
-    'latents': 'precomputed ImageNet SD-VAE latents (ArrayRecord + neighbour file) are not '
-               'available yet; run with --config.data.source=synthetic (or digits)',
-}
-
-
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict, str | None], DataSource]] = {
     'synthetic': SyntheticSource.from_config,
     'digits': digits.DigitsSource.from_config,
+    'latents': latent_source.LatentSource.from_config,
 }
 
 
 def make_source(config: ml_collections.ConfigDict, workdir: str | None = None) -> DataSource:
   """Builds the source named by config.data.source; `workdir` holds caches (digits neighbours)."""
   name = config.data.source
-  if name in PLANNED:
-    raise ValueError(f'data.source {name!r}: {PLANNED[name]}')
   if name not in SOURCES:
     raise ValueError(f'unknown data.source {name!r}; known: {", ".join(sorted(SOURCES))}')
   return SOURCES[name](config, workdir)
