@@ -23,14 +23,9 @@ def main(argv: list[str]) -> None:
   encoding.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-  from groupdiff_jax.retrieval.errors import InputError  # pylint: disable=import-outside-toplevel
-  return (InputError,)
-
-
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'encode config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory that receives the latent shards.')
   flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
   flags.mark_flags_as_required(['config', 'workdir'])
-  cli.run(main, dirs=('workdir',), user_errors=user_errors)
+  cli.run(main, dirs=('workdir',))

@@ -13,6 +13,7 @@ JOBS = {
     'main': ('configs/demo.py', '--workdir'),
     'bench': ('configs/demo.py', None),
     'embed': ('configs/embed_dinov2_folder.py', '--workdir'),
+    'encode': ('configs/encode_imagenet.py', '--workdir'),
     'neighbors': ('configs/neighbors_default.py', '--workdir'),
     'convert': (None, '--out'),
     'bench_neighbors': (None, '--workdir'),
@@ -55,7 +56,8 @@ def test_unknown_flag(job, tmp_path):
 @pytest.mark.parametrize('job', sorted(j for j, (c, _) in JOBS.items() if c))
 def test_misspelled_config_key_names_the_key_and_suggests(job, tmp_path):
   key, suggestion = {'main': ('optim.lrr', 'optim.lr'), 'bench': ('optim.lrr', 'optim.lr'),
-                     'embed': ('batch_sizee', 'batch_size'), 'neighbors': ('kk', 'k')}[job]
+                     'embed': ('batch_sizee', 'batch_size'), 'neighbors': ('kk', 'k'),
+                     'encode': ('resolutin', 'resolution')}[job]
   proc = run_job(job, *job_args(job, tmp_path, f'--config.{key}=1'))
   assert_one_line(proc, f"--config.{key}: unknown config key '{key}'",
                   f"did you mean '{suggestion}'?")
@@ -78,6 +80,7 @@ def test_missing_config_file(job, tmp_path, with_override):
     ('main', '--config.optim.lr=abc', "could not convert string to float: 'abc'"),
     ('bench', '--group_sizes=1,x', 'group_sizes'),
     ('embed', '--config.batch_size=many', 'batch_size'),
+    ('encode', '--config.resolution=big', 'resolution'),
     ('neighbors', '--config.k=ten', 'config.k'),
     ('convert', '--kind=bogus', 'kind'),
     ('bench_neighbors', '--n=abc', 'abc'),
