@@ -98,9 +98,10 @@ def _normal_table(rows: int, hidden: int, seed: int) -> np.ndarray:
 
 
 # How a sample-embedding table is made for a file that has none.
-#   normal: GroupDiff's fine-tuning recipe; the converted model then differs slightly from the
-#           file's (c gains s_emb[id]) until it is fine-tuned.
-#   zeros:  the converted model computes exactly the file's function (sampling the original).
+#   zeros:  (default) the converted model computes exactly the file's function, so sampling it
+#           reproduces the original; fine-tuning still trains the table (its gradient is not 0).
+#   normal: GroupDiff's own fine-tuning init, N(0, 0.02); the converted model then differs
+#           slightly from the file's (c gains s_emb[id]) until it is fine-tuned.
 SAMPLE_INITS = {
     'normal': _normal_table,
     'zeros': lambda rows, hidden, seed: np.zeros((rows, hidden), np.float32),
@@ -110,7 +111,7 @@ SAMPLE_INITS = {
 def convert_state_dict(params_sd: dict, kind: str, *, ema_sd: dict | None = None,
                        heads: int | None = None, input_size: int | None = None,
                        max_group_size: int | None = None, drop_sigma: bool = False,
-                       sample_init: str = 'normal', seed: int = 0) -> Converted:
+                       sample_init: str = 'zeros', seed: int = 0) -> Converted:
   """Official-name state dict(s) -> our pure-dict params (and EMA), with the inferred config.
 
   max_group_size: None keeps the file's sample-embedding table (GroupDiff) or adds a fresh
@@ -144,7 +145,9 @@ def convert_state_dict(params_sd: dict, kind: str, *, ema_sd: dict | None = None
                  f'(--sample_init={sample_init}' + (
                      ', N(0, 0.02) as GroupDiff fine-tuning: the model differs slightly from the '
                      'file\'s until fine-tuned; --sample_init=zeros keeps it exact'
-                     if sample_init == 'normal' else ', the model is exactly the file\'s') +
+                     if sample_init == 'normal' else ': the model computes exactly the file\'s '
+                     'function and fine-tuning trains the table; --sample_init=normal is '
+                     'GroupDiff\'s own N(0, 0.02) init') +
                  '; --max_group_size=0 omits the table)')
   elif rows and max_group_size == 0:
     raise ConversionError('--max_group_size=0 would drop the file\'s sample_embedder table')
@@ -198,7 +201,7 @@ def write(conv: Converted, out: str, meta: dict) -> None:
 
 def convert_file(src: str, kind: str, out: str, *, heads: int | None = None,
                  input_size: int | None = None, max_group_size: int | None = None,
-                 drop_sigma: bool = False, sample_init: str = 'normal',
+                 drop_sigma: bool = False, sample_init: str = 'zeros',
                  allow_pickle: bool = False, seed: int = 0, verbose: bool = True
                  ) -> dict[str, Any]:
   """Reads `src`, converts it and writes the checkpoint to `out`. Returns the written meta."""
@@ -223,7 +226,10 @@ def convert_file(src: str, kind: str, out: str, *, heads: int | None = None,
 
 def load_converted(path: str, *, dtype: str = 'float32', prefer_ema: bool = True,
                    **overrides) -> tuple[sit.SiT, dict]:
-  """Builds the model that `meta.model` describes and loads the weights (EMA if present)."""
+  """Builds the model that `meta.model` describes and loads the weights (EMA if present).
+
+  `overrides` set SiTConfig fields (e.g. time_convention, fixed_sample_ids, attention) and win
+  over what the checkpoint records."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from groupdiff_jax import checkpoint  # pylint: disable=import-outside-toplevel
@@ -231,13 +237,7 @@ def load_converted(path: str, *, dtype: str = 'float32', prefer_ema: bool = True
                                  async_save=False)
   meta = ckpt.read_meta(ckpt.steps()[-1])
   ckpt.close()
-  m = meta['model']
-  _, depth, hidden, heads, patch = sit.parse_name(m['name'])
-  cfg = sit.SiTConfig(depth=depth, hidden=hidden, heads=heads, patch=patch,
-                      input_size=m['input_size'], in_channels=m['in_channels'],
-                      num_classes=m['num_classes'], learn_sigma=m['learn_sigma'],
-                      max_group_size=m['max_group_size'], time_convention=m['time_convention'],
-                      dtype=dtype, **overrides)
+  cfg = sit.config_from_meta(meta['model'], **{'dtype': dtype, **overrides})
   # Built abstractly: the checkpoint supplies every parameter, so skip the random init.
   graphdef, state = nnx.split(nnx.eval_shape(lambda: sit.create(cfg)))
   target = nnx.to_pure_dict(state)
@@ -263,8 +263,9 @@ def define_flags() -> None:
   flags.DEFINE_integer('input_size', None, 'latent side length when the file has no pos_embed')
   flags.DEFINE_integer('max_group_size', None, 'sample-embedding rows: default keeps the file\'s '
                        'table (groupdiff) or adds a fresh 4-row one; 0 omits it')
-  flags.DEFINE_enum('sample_init', 'normal', list(SAMPLE_INITS), 'init of an added sample-'
-                    'embedding table: normal = GroupDiff recipe, zeros = exactly the file\'s model')
+  flags.DEFINE_enum('sample_init', 'zeros', list(SAMPLE_INITS), 'init of an added sample-'
+                    'embedding table: zeros = exactly the file\'s model (fine-tuning trains it), '
+                    'normal = GroupDiff\'s N(0, 0.02) init')
   flags.DEFINE_bool('drop_sigma', False,
                     'drop the learned-sigma output channels (SiT ignores them)')
   flags.DEFINE_bool('allow_pickle', False,

@@ -12,6 +12,7 @@ Two known differences between diffusers and the official DiT are bridged explici
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -253,6 +254,30 @@ def test_drop_sigma_keeps_the_velocity_channels():
   w = sd['final_layer.linear.weight'].reshape(2, 2, 8, 5)
   assert np.array_equal(out['final_layer.linear.weight'], w[:, :, :4].reshape(16, 5))
 
+def test_sit_conversion_keeps_the_original_function_and_load_converted_takes_overrides(tmp_path):
+  """--kind=sit adds a 4-row sample table: zero by default, so the converted model is exactly
+  the file's SiT whatever ids it draws; load_converted accepts overrides of recorded fields."""
+  src = str(tmp_path / 'sit.pt')
+  _save(src, {k: v if k == 'pos_embed' else 0.3 * v for k, v in _official().items()})
+  plain, tabled = str(tmp_path / 'plain'), str(tmp_path / 'tabled')
+  convert.convert_file(src, 'sit', plain, heads=HEADS, max_group_size=0, verbose=False)
+  meta = convert.convert_file(src, 'sit', tabled, heads=HEADS, verbose=False)
+  assert meta['model']['max_group_size'] == 4
+  assert any('--sample_init=zeros: the model computes exactly' in n for n in meta['notes'])
+  ref, _ = convert.load_converted(plain)
+  model, _ = convert.load_converted(tabled)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, SIDE, SIDE, CH)).astype(np.float32))
+  t, y = jnp.asarray([0.1, 0.4, 0.7, 0.9]), jnp.asarray([1, 2, 3, 1000])
+  np.testing.assert_array_equal(np.asarray(model(x, t, y, rng=jax.random.key(1))),
+                                np.asarray(ref(x, t, y)))
+  # Overrides of recorded fields (this used to raise 'got multiple values for keyword argument').
+  flipped, _ = convert.load_converted(tabled, time_convention='noise_at_1', attention='xla')
+  assert flipped.cfg.time_convention == 'noise_at_1' and model.cfg.time_convention == 'noise_at_0'
+  assert flipped.cfg.attention == 'xla'
+  assert not np.allclose(np.asarray(flipped(x, t, y, rng=jax.random.key(1))),
+                         np.asarray(ref(x, t, y)))
+
 
 # --- bad input ------------------------------------------------------------------------------
 
@@ -342,6 +367,8 @@ def test_cli_converts_and_reports_flags(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '--config.model.name=DiT-d2h32n2/2' in proc.stdout
   assert 'dit_diffusion' in proc.stdout  # the DDPM note
+  # stderr carries no Orbax INFO lines (they buried the converter's own notes)
+  assert not re.search(r'^(I\d{4} |INFO:)', proc.stderr, re.M), proc.stderr[-2000:]
   model, meta = convert.load_converted(out)
   assert meta['kind'] == 'dit' and meta['time_convention'] == 'ddpm_1000'
   assert not meta['has_ema'] and model.cfg.learn_sigma and model.cfg.max_group_size == 4

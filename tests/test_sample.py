@@ -42,11 +42,14 @@ def _save_converted(path: str, cfg: sit.SiTConfig, name: str, *, objective: str,
                     seed: int = 0) -> str:
   """A weights-only checkpoint as groupdiff_jax.convert writes it (random weights, scaled up so
   that the zero-initialised output layers do not make every sample the same)."""
-  params = nnx.to_pure_dict(nnx.state(sit.create(cfg, seed)))
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  params = jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
+  @jax.jit
+  def make():
+    params = nnx.to_pure_dict(nnx.state(sit.create(cfg, seed)))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [a + 0.05 * jax.random.normal(k, a.shape, a.dtype)
                                      for a, k in zip(leaves, keys)])
+  params = make()
   meta = {'model': dict(name=name, input_size=cfg.input_size, in_channels=cfg.in_channels,
                         num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma,
                         max_group_size=cfg.max_group_size, time_convention=cfg.time_convention),
@@ -256,3 +259,52 @@ def test_killed_job_resumes_without_duplicates_or_gaps(trained, tmp_path):
   _, err = merge.communicate(timeout=300)
   assert merge.returncode == 0, err[-2000:]
   np.testing.assert_array_equal(np.load(os.path.join(killed, 'samples.npz'))['arr_0'], a['arr_0'])
+
+
+# --- bad input: one line, nothing written, finished shards untouched ----------------------------
+
+def test_bad_input_fails_before_anything_is_written(trained, latent_ckpt, tmp_path):
+  no_ema = _save_converted(str(tmp_path / 'no_ema'), sit.SiTConfig(**LATENT), 'SiT-d2h32n2/2',
+                           objective='flow_velocity', ema=False)
+  os.makedirs(tmp_path / 'empty')
+  cases = [
+      (dict(ckpt=str(tmp_path / 'empty')), 'holds no checkpoint'),
+      (dict(ckpt=str(tmp_path / 'missing')), 'no such directory'),
+      (dict(step=7), 'step=7: .* has no such step; steps present: 1, 2'),
+      (dict(ckpt=no_ema), 'has no EMA parameters .*--config.use_ema=False'),
+      ({'sample.guidance_high': 1.5}, r'guidance interval \[0.0, 1.5\] must lie in \[0, 1\]'),
+      ({'sample.guidance_low': -0.25}, 'guidance interval'),
+      ({'sample.group_t_range': (0.5, 1.2)}, 'group_t_range'),
+      (dict(round_groups=False, num_samples=50), 'groups of 4 do not divide the 5 images per class'),
+      ({'sample.cond_group_size': 3}, 'cond_group_size=3 does not divide the eval group of 4'),
+      (dict(num_samples=45), 'multiple of the checkpoint\'s 10 classes'),
+      ({'sample.sampler': 'ddpm'}, 'samples ddpm_eps_learned_variance models.*use sde or euler'),
+      (dict(ckpt=latent_ckpt), '4-channel latents need a decoder: pass --config.vae'),
+  ]
+  for overrides, message in cases:
+    out = str(tmp_path / 'out')
+    with pytest.raises(cli.UserError, match=message):
+      job.run(sample_config(overrides.pop('ckpt', trained), **overrides), out)
+    assert not os.path.exists(out), overrides
+  # The flag the EMA error offers: the raw weights, restored without any optimizer state.
+  source = weights.locate(no_ema)
+  cfg = weights.model_config(source, dtype='float32', attention='xla')
+  mesh = sharding.make_mesh(('data', 'fsdp', 'context'), (1, 1, 1), jax.devices()[:1])
+  _, params = weights.restore(source, cfg, mesh, load_config('common').mesh.rules, use_ema=False)
+  assert params['x_embedder']['kernel'].shape == (2 * 2 * 4, 32)
+
+
+def test_cli_refuses_another_runs_directory_in_one_line_and_touches_nothing(trained, tmp_path):
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / shards.MANIFEST).write_text(json.dumps({'run': {'seed': 99}, 'shards': []}))
+  shard = out / shards.shard_name(0, 0, 8)
+  shard.write_bytes(b'finished shard of another run')
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  proc = _cli(*_flags(trained, str(out)))
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 2, err[-2000:]
+  lines = err.strip().splitlines()
+  assert lines[-1].startswith('groupdiff_jax: error: ') and 'another sampling run' in lines[-1]
+  assert 'Traceback' not in err
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
