@@ -22,6 +22,23 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v, precision='highest').astype(dtype)
 
 
+def member_attention(q: jax.Array, k: jax.Array, group_size: int) -> jax.Array:
+  """Attention mass between the images of a group, for diagnostics (S_cross).
+
+  q, k: [B, M*T, H, D], the M images of a group joined along the sequence (as group attention
+  sees them). Returns [B, M, M] float32: entry (i, j) is the softmax probability that image i's
+  query tokens put on image j's T key tokens, summed over those keys and averaged over heads and
+  over image i's queries (each row sums to 1). Same softmax as `reference_attention`.
+  """
+  b, length, heads, _ = q.shape
+  tokens = length // group_size
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, precision='highest') / jnp.sqrt(q.shape[-1])
+  probs = jax.nn.softmax(logits, axis=-1)
+  mass = probs.reshape(b, heads, group_size, tokens, group_size, tokens).sum(-1)
+  return mass.mean(axis=(1, 3))
+
+
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jax.nn.dot_product_attention(q, k, v, implementation='xla')
 

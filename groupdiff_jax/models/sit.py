@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from groupdiff_jax import sharding
-from groupdiff_jax.models.attention import attention
+from groupdiff_jax.models.attention import attention, member_attention
 
 # name -> (depth, hidden, heads); the official DiT/SiT sizes.
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -198,7 +198,8 @@ class Block(nnx.Module):
     self.fc2 = _dense(cfg, mlp, d, _xavier(('mlp', 'embed')), rngs, ('embed',))
     self.adaLN_modulation = _dense(cfg, d, 6 * d, _zeros(('embed', 'mlp')), rngs, ('mlp',))
 
-  def attn(self, h: jax.Array, group_size: int) -> jax.Array:
+  def attn(self, h: jax.Array, group_size: int, with_mass: bool = False):
+    """The attention sublayer; with_mass also returns `member_attention` of its q, k."""
     n, t, d = h.shape
     heads = self.cfg.heads
     qkv = self.qkv(h).reshape(n, t, 3, heads, d // heads)   # [q | k | v], each (heads, head_dim)
@@ -206,19 +207,23 @@ class Block(nnx.Module):
     qkv = qkv.reshape(n // group_size, group_size * t, 3, heads, d // heads)
     qkv = sharding.constrain(qkv, ('batch', 'tokens', None, None, None))
     out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.cfg.attention)
-    out = out.reshape(n, t, d)                               # back to one row per image
-    return self.proj(out)
+    out = self.proj(out.reshape(n, t, d))                    # back to one row per image
+    if with_mass:  # diagnostics only (S_cross): the output above is unchanged
+      return out, member_attention(qkv[:, :, 0], qkv[:, :, 1], group_size)
+    return out
 
-  def __call__(self, x, c, group_size: int):
+  def __call__(self, x, c, group_size: int, with_mass: bool = False):
     mods = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mods, 6, axis=-1)
     dtype = jnp.dtype(self.cfg.dtype)
     h = _modulate(_layer_norm(x), shift1, scale1).astype(dtype)
-    x = x + gate1[:, None, :] * self.attn(h, group_size).astype(jnp.float32)
+    a, mass = self.attn(h, group_size, True) if with_mass else (self.attn(h, group_size), None)
+    x = x + gate1[:, None, :] * a.astype(jnp.float32)
     h = _modulate(_layer_norm(x), shift2, scale2).astype(dtype)
     h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
     x = x + gate2[:, None, :] * h.astype(jnp.float32)
-    return sharding.constrain(x, ('batch', 'tokens', None))
+    x = sharding.constrain(x, ('batch', 'tokens', None))
+    return (x, mass) if with_mass else x
 
 
 class FinalLayer(nnx.Module):
@@ -278,8 +283,11 @@ class SiT(nnx.Module):
     return x.reshape(n, g * p, g * p, c)
 
   def __call__(self, x, t, y, *, group_size: int = 1, rng: jax.Array | None = None,
-               sample_ids: jax.Array | None = None, group_blocks: int | None = None):
-    """group_blocks: None = group attention in every block; k = only in the first k (static)."""
+               sample_ids: jax.Array | None = None, group_blocks: int | None = None,
+               return_attention_mass: bool = False):
+    """group_blocks: None = group attention in every block; k = only in the first k (static).
+    return_attention_mass (diagnostics): also return [depth, B/M, M, M], each block's
+    `attention.member_attention` (the attention mass between the images of each group)."""
     cfg = self.cfg
     n = x.shape[0]
     if n % group_size:
@@ -302,25 +310,31 @@ class SiT(nnx.Module):
 
     def run_blocks(h, layers, size):
       def one_block(h, layer):
-        return nnx.merge(graphdef, layer)(h, c, size), None
+        block = nnx.merge(graphdef, layer)
+        if return_attention_mass:  # the per-layer mass leaves the scan as its stacked output
+          return block(h, c, size, with_mass=True)
+        return block(h, c, size), None
       if cfg.remat:
         one_block = jax.checkpoint(one_block, policy=jax.checkpoint_policies.nothing_saveable)
-      return jax.lax.scan(one_block, h, layers)[0]
+      return jax.lax.scan(one_block, h, layers)
 
     # Inference group schedule (the paper's Table 2 ablation): only the first `group_blocks`
     # blocks attend across the group, the rest per image. Two scans over the stacked layers,
     # because the attention reshape (a static shape) differs between the two parts.
     k = cfg.depth if group_blocks is None else min(max(group_blocks, 0), cfg.depth)
     if k == cfg.depth or group_size == 1:
-      h = run_blocks(h, layers, group_size)
+      h, masses = run_blocks(h, layers, group_size)
     else:
+      if return_attention_mass:
+        raise ValueError('return_attention_mass needs group attention in every block '
+                         '(group_blocks=None)')
       if k:
-        h = run_blocks(h, jax.tree.map(lambda a: a[:k], layers), group_size)
-      h = run_blocks(h, jax.tree.map(lambda a: a[k:], layers), 1)
+        h = run_blocks(h, jax.tree.map(lambda a: a[:k], layers), group_size)[0]
+      h = run_blocks(h, jax.tree.map(lambda a: a[k:], layers), 1)[0]
     out = self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)
     if cfg.time_convention == 'noise_at_0':  # d/dt flips sign with t -> 1 - t (velocity only)
       out = out.at[..., :cfg.in_channels].multiply(-1.0)
-    return out
+    return (out, masses) if return_attention_mass else out
 
 
 def create(cfg: SiTConfig, seed: int = 0) -> SiT:
