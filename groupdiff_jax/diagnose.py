@@ -47,25 +47,30 @@ def _quiet_orbax():
     logging.set_verbosity(previous)
 
 
-def read_model_meta(path: str) -> dict:
-  """meta['model'] of the newest checkpoint step, or a UserError saying what is missing."""
-  from groupdiff_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(path):
-    raise cli.UserError(f'--ckpt={path}: no such directory')
+def locate(path: str):
+  """The checkpoint (the sampling job's loader): newest step, its metadata; UserError if absent."""
+  from groupdiff_jax.diffusion import registry  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.sampling import weights  # pylint: disable=import-outside-toplevel
   with _quiet_orbax():
-    ckpt = checkpoint.Checkpointer(checkpoint.find_checkpoint_dir(path), read_only=True,
-                                   async_save=False)
-    try:
-      steps = ckpt.steps()
-      model = ckpt.read_meta(steps[-1]).get('model') if steps else None
-    finally:
-      ckpt.close()
-  if not steps:
-    raise cli.UserError(f'--ckpt={path}: no checkpoint in it (a trainer workdir or the output '
-                        'of groupdiff_jax.convert)')
-  if not model or 'name' not in model:
-    raise cli.UserError(f'--ckpt={path}: the checkpoint has no model metadata')
-  return model
+    source = weights.locate(path, flag='--ckpt')
+  if source.objective != registry.FLOW:
+    raise cli.UserError(f'--ckpt={path}: a {source.objective} model; the S_cross trajectory is '
+                        'the flow (velocity) ODE, so only flow checkpoints are supported')
+  return source
+
+
+def load_model(source):
+  """The model in float32 on one device with the checkpoint's EMA weights (raw ones when the
+  checkpoint has no EMA)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax import sharding  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.sampling import weights  # pylint: disable=import-outside-toplevel
+  cfg = weights.model_config(source, dtype='float32', attention='auto')
+  mesh = sharding.make_mesh(('data',), (1,), jax.devices()[:1])
+  with _quiet_orbax():
+    graphdef, params = weights.restore(source, cfg, mesh, (), use_ema='ema' in source.items)
+  return nnx.merge(graphdef, params)
 
 
 def check_args(model_meta: dict, group_size: int, num_groups: int, num_steps: int) -> None:
@@ -80,21 +85,19 @@ def check_args(model_meta: dict, group_size: int, num_groups: int, num_steps: in
 
 def main(argv):
   del argv
-  meta = read_model_meta(FLAGS.ckpt)
-  check_args(meta, FLAGS.group_size, FLAGS.num_groups, FLAGS.num_steps)
+  source = locate(FLAGS.ckpt)
+  name = source.meta['model']['name']
+  check_args(source.meta['model'], FLAGS.group_size, FLAGS.num_groups, FLAGS.num_steps)
   out = FLAGS.out or os.path.join(FLAGS.ckpt, 's_cross')
-
-  from groupdiff_jax import convert  # pylint: disable=import-outside-toplevel
+  model = load_model(source)
   from groupdiff_jax.evaluation import heatmap, s_cross  # pylint: disable=import-outside-toplevel
-  with _quiet_orbax():
-    model, _ = convert.load_converted(FLAGS.ckpt, dtype='float32')
   n = FLAGS.group_size * FLAGS.num_groups
   if FLAGS.branch == 'uncond':
     labels = np.full(n, model.cfg.num_classes)
   else:
     rng = np.random.default_rng(FLAGS.seed)
     labels = np.repeat(rng.integers(0, model.cfg.num_classes, FLAGS.num_groups), FLAGS.group_size)
-  progress.say(f'S_cross of {meta["name"]} ({FLAGS.branch}, groups of {FLAGS.group_size}, '
+  progress.say(f'S_cross of {name} ({FLAGS.branch}, groups of {FLAGS.group_size}, '
                f'{FLAGS.num_groups} groups, {FLAGS.num_steps} steps)')
   scores, times = s_cross.measure(model, group_size=FLAGS.group_size,
                                   num_groups=FLAGS.num_groups, num_steps=FLAGS.num_steps,
@@ -105,7 +108,7 @@ def main(argv):
   s_cross.write_csv(csv_path, scores, times)
   heatmap.save(png_path, scores, row_labels=[f'L{i + 1}' for i in range(len(scores))],
                col_labels=[f'{t:.2f}' for t in times],
-               title=f'S_cross, {meta["name"]}, M={FLAGS.group_size} (rows: layers, cols: t)')
+               title=f'S_cross, {name}, M={FLAGS.group_size} (rows: layers, cols: t)')
   print(f'S_cross mean {scores.mean():.4f} | by layer (1..{len(scores)}): '
         + ' '.join(f'{v:.3f}' for v in scores.mean(axis=1)), flush=True)
   print('by t: ' + ' '.join(f'{t:.2f}:{v:.3f}' for t, v in zip(times, scores.mean(axis=0))),

@@ -17,6 +17,8 @@ JOBS = {
     'neighbors': ('configs/neighbors_default.py', '--workdir'),
     'convert': (None, '--out'),
     'bench_neighbors': (None, '--workdir'),
+    'evaluate': (None, None),
+    'diagnose': (None, '--out'),
 }
 
 

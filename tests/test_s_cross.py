@@ -125,6 +125,12 @@ def test_option_leaves_the_output_unchanged_and_returns_masses(base_model):
   assert s_cross.score(np.asarray(mass)).min() > 1e-3  # distinct images: not uniform
 
 
+def test_option_needs_group_attention_in_every_block(base_model):
+  x = jnp.zeros((8, 8, 8, 4))
+  with pytest.raises(ValueError, match='every block'):
+    _run(base_model, x, 4, group_blocks=1, return_attention_mass=True)
+
+
 def test_identical_images_give_zero(base_model):
   model = nnx.clone(base_model)
   # Identical members and identical sample embeddings: nothing tells the members apart, so every
@@ -193,7 +199,7 @@ def test_cli_writes_csv_and_heat_map(ckpt_dir, tmp_path):
 
 @pytest.mark.parametrize('args,expected', [
     (['--ckpt=/nonexistent/dir'], 'no such directory'),
-    (['--ckpt={empty}'], 'no checkpoint in it'),
+    (['--ckpt={empty}'], 'holds no checkpoint'),
     (['--ckpt={ckpt}', '--group_size=8'], 'max_group_size (4)'),
 ])
 def test_cli_bad_input_is_one_line_error(ckpt_dir, tmp_path, args, expected):

@@ -31,18 +31,19 @@ class Source:
     return self.meta.get('objective', registry.FLOW)  # the trainer writes flow models only
 
 
-def locate(path: str, step: int = -1) -> Source:
-  """The checkpoint at `path` (newest step, or `step`), with its metadata; UserError if absent."""
+def locate(path: str, step: int = -1, *, flag: str = '--config.ckpt') -> Source:
+  """The checkpoint at `path` (newest step, or `step`), with its metadata; UserError if absent.
+  `flag` names the command-line flag that gave `path`, in the messages."""
   if not path:
-    raise UserError('--config.ckpt is required: a trainer workdir or a converted checkpoint')
+    raise UserError(f'{flag} is required: a trainer workdir or a converted checkpoint')
   if not os.path.isdir(path):
-    raise UserError(f'--config.ckpt={path}: no such directory')
+    raise UserError(f'{flag}={path}: no such directory')
   directory = checkpoint.find_checkpoint_dir(path)
   ckpt = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
   try:
     steps = ckpt.steps()
     if not steps:
-      raise UserError(f'--config.ckpt={path} holds no checkpoint (expected a trainer workdir '
+      raise UserError(f'{flag}={path} holds no checkpoint (expected a trainer workdir '
                       'with ckpt/<step>/ or a groupdiff_jax.convert output)')
     if step < 0:
       step = steps[-1]
