@@ -7,11 +7,10 @@ Runs the model (EMA weights when present) along its own Euler ODE trajectory fro
 group from every block at every step, and writes OUT/s_cross.csv (layer, step, t, s_cross) and
 OUT/s_cross.png (heat map, layers x timesteps). Definition and aggregation: docs/evaluation.md.
 """
-import contextlib
 import os
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from groupdiff_jax import cli, progress
 
@@ -36,23 +35,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
   return (checkpoint.CheckpointError,)
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Orbax logs read-only notices as warnings; on this job's stderr they would read as problems."""
-  previous = logging.get_verbosity()
-  logging.set_verbosity(logging.ERROR)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(previous)
-
-
 def locate(path: str):
   """The checkpoint (the sampling job's loader): newest step, its metadata; UserError if absent."""
   from groupdiff_jax.diffusion import registry  # pylint: disable=import-outside-toplevel
   from groupdiff_jax.sampling import weights  # pylint: disable=import-outside-toplevel
-  with _quiet_orbax():
-    source = weights.locate(path, flag='--ckpt')
+  source = weights.locate(path, flag='--ckpt')
   if source.objective != registry.FLOW:
     raise cli.UserError(f'--ckpt={path}: a {source.objective} model; the S_cross trajectory is '
                         'the flow (velocity) ODE, so only flow checkpoints are supported')
@@ -68,8 +55,7 @@ def load_model(source):
   from groupdiff_jax.sampling import weights  # pylint: disable=import-outside-toplevel
   cfg = weights.model_config(source, dtype='float32', attention='auto')
   mesh = sharding.make_mesh(('data',), (1,), jax.devices()[:1])
-  with _quiet_orbax():
-    graphdef, params = weights.restore(source, cfg, mesh, (), use_ema='ema' in source.items)
+  graphdef, params = weights.restore(source, cfg, mesh, (), use_ema='ema' in source.items)
   return nnx.merge(graphdef, params)
 
 
