@@ -9,6 +9,7 @@ INSTALL_REQUIRES = [
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
     "grain>=0.2.18,<0.3",
+    "array_record>=0.8.1,<0.9; sys_platform != 'win32'",  # latent shards (data/latent_store.py)
     "ml_collections>=1.1.0,<2",
     "tensorflow-datasets>=4.9.10,<5",
     "importlib_resources>=6",  # tfds 4.9.10 imports it without declaring it

@@ -140,21 +140,9 @@ def random_dinov2_folder(d, hidden=32, depth=1, heads=2, patch=14, image_size=28
 
 
 def random_vae_folder(d, channels=(8, 16), groups=4, seed=0):
-  """A random SD-VAE (AutoencoderKL) in the diffusers layout, written without torch: our model's
-  parameters mapped to diffusers names (models/vae_weights.py). Downsamples by 2**(len-1)."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  """A random SD-VAE (AutoencoderKL) in the diffusers layout, written without torch (our model
+  saved with models/vae_weights.save_diffusers). Downsamples by 2**(len(channels) - 1)."""
   from groupdiff_jax.models import vae, vae_weights  # pylint: disable=import-outside-toplevel
   cfg = vae.VAEConfig(block_out_channels=tuple(channels), layers_per_block=1,
                       norm_num_groups=groups)
-  params = nnx.to_pure_dict(nnx.state(vae.create(cfg, seed=seed), nnx.Param))
-  os.makedirs(d, exist_ok=True)
-  save_file(vae_weights.params_to_diffusers(params),
-            os.path.join(d, vae_weights.WEIGHTS_FILE))
-  with open(os.path.join(d, 'config.json'), 'w') as f:
-    json.dump({'_class_name': 'AutoencoderKL', 'block_out_channels': list(channels),
-               'layers_per_block': 1, 'norm_num_groups': groups, 'latent_channels': 4,
-               'in_channels': 3, 'out_channels': 3, 'scaling_factor': 0.18215,
-               'down_block_types': ['DownEncoderBlock2D'] * len(channels),
-               'up_block_types': ['UpDecoderBlock2D'] * len(channels)}, f)
-  return d
+  return vae_weights.save_diffusers(vae.create(cfg, seed=seed), d)

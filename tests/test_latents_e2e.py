@@ -320,3 +320,15 @@ def test_encode_a_tfds_dataset(tmp_path, prepared):
                              data_dir=str(tmp_path / 'tfds'), download=False)
   np.testing.assert_array_equal(store.labels, [records[i]['label'] for i in range(10)])
   assert [int(store[i]['id']) for i in range(10)] == list(range(10))
+
+
+def test_synthetic_latents_set_serves_batches(tmp_path):
+  """The benchmark's generator writes the real format: the pipeline reads it like encode's."""
+  from groupdiff_jax.data import synthetic_latents
+  lat, nb = synthetic_latents.write(str(tmp_path), 512, latent_shape=(8, 8, 4), num_classes=10,
+                                    k=8, shard_size=200, log=lambda s: None)
+  config = tiny_config(**{'data.source': 'latents', 'data.path': lat, 'data.neighbors': nb})
+  batch = next(pipeline.make_train_data(config, layout_from_config(config)))
+  assert batch['image'].shape == (16, 8, 8, 4) and batch['image'].dtype == np.float32
+  assert 0.1 < batch['image'].std() < 0.3  # N(0, 1) means x 0.18215, plus a little noise
+  assert latent_store.read_manifest(lat)['num_records'] == 512

@@ -155,3 +155,16 @@ def test_round_trip_and_bad_weights(reference, tmp_path):
     vae.load(str(tmp_path))
   with pytest.raises(vae_weights.VAEWeightsError, match='only UpDecoderBlock2D'):
     vae_weights.config_from_diffusers({'up_block_types': ['AttnUpDecoderBlock2D']})
+
+
+def test_save_diffusers_loads_in_diffusers(tmp_path):
+  """save_diffusers writes a folder diffusers' own loader reads, with the same encoder."""
+  cfg = vae.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+  vae_weights.save_diffusers(vae.create(cfg, seed=3), str(tmp_path))
+  ref = diffusers.AutoencoderKL.from_pretrained(str(tmp_path)).eval()
+  x = _images(2, 11)
+  with torch.no_grad():
+    mean = _nhwc(ref.encode(_nchw(x)).latent_dist.mean)
+  with jax.default_matmul_precision('highest'):
+    ours, _ = vae.load(str(tmp_path)).moments(x)
+  assert rel_err(ours, mean) <= 1e-5

@@ -3,7 +3,7 @@
 Random access into the ArrayRecord shards (data/latent_store.py); nothing is copied into memory
 but the labels and the memory-mapped neighbour lists. With stored posterior moments every read
 draws a fresh sample, (mean + std * eps) * scaling_factor, with eps seeded by (seed, step,
-image id): the same step of a resumed run reads the same latents. With flip copies stored, the
+image id, `draw_rng`): the same step of a resumed run reads the same latents. With flip copies stored, the
 same seed picks the view. Unreadable images (listed by the encode job) are left out of the
 grouping pool, so no batch ever asks for them.
 
@@ -41,6 +41,14 @@ def check_neighbors(header: dict, latents: latent_store.LatentSet, directory: st
     raise UserError(f'neighbour file {directory} is for other data than the latents in '
                     f'{latents.directory}: {"; ".join(problems)} (build it from embeddings of '
                     'the same dataset)')
+
+
+def draw_rng(seed: int, step: int, index: int) -> np.random.Generator:
+  """The generator of one (seed, step, image) draw: a Philox stream whose 128-bit key is the
+  triple itself (unique for step, index < 2**32), built without SeedSequence hashing (the
+  pipeline makes one per image read)."""
+  key = ((int(seed) % 2**64) << 64) | ((int(step) % 2**32) << 32) | (int(index) % 2**32)
+  return np.random.Generator(np.random.Philox(key=key))
 
 
 class LatentSource:
@@ -85,13 +93,15 @@ class LatentSource:
   def read(self, index: int, step: int) -> tuple[np.ndarray, int]:
     """(latent float32 [H, W, C], label) of image `index` as drawn at training step `step`."""
     rec = self._latents[int(index)]
-    rng = np.random.default_rng([self._seed, int(step), int(index)])
+    rng = draw_rng(self._seed, step, index)
     view = int(rng.integers(self._variants)) if self._variants > 1 else 0
     if self._kind == 'sample':
       return rec['latent'][view].astype(np.float32), int(rec['label'])
-    eps = rng.standard_normal(self.image_shape, np.float32)
-    mean, std = rec['mean'][view].astype(np.float32), rec['std'][view].astype(np.float32)
-    return (mean + std * eps) * self._scale, int(rec['label'])
+    x = rng.standard_normal(self.image_shape, np.float32)  # eps, then the sample in place
+    x *= rec['std'][view]
+    x += rec['mean'][view]
+    x *= self._scale
+    return x, int(rec['label'])
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,

@@ -248,6 +248,8 @@ class LatentSet:
 
   def row(self, image_id: int) -> int:
     """The record index of an id (unreadable images have no record)."""
+    if not len(self.failed_ids):
+      return image_id
     return image_id - int(np.searchsorted(self.failed_ids, image_id))
 
   def __getitem__(self, image_id: int) -> np.void:

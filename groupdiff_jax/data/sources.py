@@ -49,7 +49,7 @@ class SyntheticSource:
       raise ValueError(f'synthetic source: need 0 < K={k} < n={num_examples}')
     self.image_shape = tuple(image_shape)
     self._n, self._seed = num_examples, seed
-    self.neighbors = _cluster_neighbors(num_examples, k, np.random.default_rng([seed, 1]))
+    self.neighbors = cluster_neighbors(num_examples, k, np.random.default_rng([seed, 1]))
     self.labels = np.random.default_rng([seed, 2]).integers(
         num_classes, size=num_examples).astype(np.int32)
 
@@ -73,7 +73,7 @@ class SyntheticSource:
                config.data.get('neighbors_k', DEFAULT_K))
 
 
-def _cluster_neighbors(n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def cluster_neighbors(n: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   perm = rng.permutation(n)
   pos = np.empty(n, np.int64)
   pos[perm] = np.arange(n)                                  # where each id sits in the shuffle

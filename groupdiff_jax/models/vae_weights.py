@@ -154,3 +154,26 @@ def load_diffusers(path: str, *, dtype: str = 'float32') -> tuple[vae.Autoencode
   params = diffusers_to_params(_read_weights(weights_file), nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
   return nnx.merge(graphdef, state), scaling
+
+
+def save_diffusers(model: vae.AutoencoderKL, directory: str,
+                   scaling_factor: float = vae.SCALE) -> str:
+  """Writes `model` as a diffusers AutoencoderKL directory (config.json + safetensors), the
+  layout `load_diffusers` reads (used for random-weight VAEs in tests and benchmarks)."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  cfg = model.cfg
+  os.makedirs(directory, exist_ok=True)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  save_file(params_to_diffusers(params), os.path.join(directory, WEIGHTS_FILE))
+  raw = {'_class_name': 'AutoencoderKL', 'in_channels': cfg.in_channels,
+         'out_channels': cfg.out_channels, 'block_out_channels': list(cfg.block_out_channels),
+         'layers_per_block': cfg.layers_per_block, 'norm_num_groups': cfg.norm_num_groups,
+         'latent_channels': cfg.latent_channels, 'use_quant_conv': cfg.use_quant_conv,
+         'use_post_quant_conv': cfg.use_post_quant_conv,
+         'mid_block_add_attention': cfg.mid_block_add_attention, 'act_fn': 'silu',
+         'scaling_factor': scaling_factor,
+         'down_block_types': [SUPPORTED_BLOCKS['down_block_types']] * len(cfg.block_out_channels),
+         'up_block_types': [SUPPORTED_BLOCKS['up_block_types']] * len(cfg.block_out_channels)}
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(raw, f, indent=1)
+  return directory
