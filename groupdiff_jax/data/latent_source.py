@@ -92,16 +92,30 @@ class LatentSource:
 
   def read(self, index: int, step: int) -> tuple[np.ndarray, int]:
     """(latent float32 [H, W, C], label) of image `index` as drawn at training step `step`."""
-    rec = self._latents[int(index)]
-    rng = draw_rng(self._seed, step, index)
-    view = int(rng.integers(self._variants)) if self._variants > 1 else 0
+    images, labels = self.read_batch(np.array([index]), step)
+    return images[0], int(labels[0])
+
+  def read_batch(self, ids: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(latents float32 [B, H, W, C], labels int32 [B]) of images `ids` drawn at `step`; image
+    i's view and eps come from draw_rng(seed, step, i) alone (not from its batch position)."""
+    recs = self._latents.records(ids)
+    rows = np.arange(len(ids))
+    views = np.zeros(len(ids), np.int64)
+    out = np.empty((len(ids), *self.image_shape), np.float32)
+    for j, image_id in enumerate(ids):
+      rng = draw_rng(self._seed, step, image_id)
+      if self._variants > 1:
+        views[j] = rng.integers(self._variants)
+      if self._kind == 'moments':
+        rng.standard_normal(dtype=np.float32, out=out[j])  # eps; the sample is made in place
+    pick = (lambda a: a[:, 0]) if self._variants == 1 else (lambda a: a[rows, views])  # a view
     if self._kind == 'sample':
-      return rec['latent'][view].astype(np.float32), int(rec['label'])
-    x = rng.standard_normal(self.image_shape, np.float32)  # eps, then the sample in place
-    x *= rec['std'][view]
-    x += rec['mean'][view]
-    x *= self._scale
-    return x, int(rec['label'])
+      out[...] = pick(recs['latent'])
+    else:
+      out *= pick(recs['std'])
+      out += pick(recs['mean'])
+      out *= self._scale
+    return out, recs['label'].astype(np.int32)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,

@@ -252,6 +252,16 @@ class LatentSet:
       return image_id
     return image_id - int(np.searchsorted(self.failed_ids, image_id))
 
+  def records(self, image_ids: np.ndarray) -> np.ndarray:
+    """The decoded records of many readable ids (one batched read): a structured array."""
+    ids = np.asarray(image_ids, np.int64)
+    rows = ids if not len(self.failed_ids) else ids - np.searchsorted(self.failed_ids, ids)
+    recs = np.frombuffer(b''.join(self._records.__getitems__(rows.tolist())), self.dtype)
+    if not np.array_equal(recs['id'], ids):
+      raise ValueError(f'{self.directory}: records hold other ids than asked for (unreadable '
+                       'ids disagree with the manifest)')
+    return recs
+
   def __getitem__(self, image_id: int) -> np.void:
     """The decoded record of a (readable) image id: fields id, label, mean/std or latent."""
     rec = np.frombuffer(self._records[self.row(image_id)], self.dtype, count=1)[0]

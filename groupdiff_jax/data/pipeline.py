@@ -95,6 +95,20 @@ class _ReadElement:
     return {'image': np.asarray(image, np.float32), 'label': np.int32(label)}
 
 
+class _ReadBatch:
+  """Step index -> this process's whole batch, for sources with a vectorised `read_batch`."""
+
+  def __init__(self, source: sources.DataSource, planner: _Planner, offset: int,
+               local_batch: int):
+    self._source, self._planner = source, planner
+    self._offset, self._local_batch = offset, local_batch
+
+  def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
+    ids = self._planner.global_ids(int(step))[self._offset:self._offset + self._local_batch]
+    images, labels = self._source.read_batch(ids, int(step))
+    return {'image': np.asarray(images, np.float32), 'label': np.asarray(labels, np.int32)}
+
+
 class TrainData:
   """An infinite iterator of this process's batches {'image': [B_local,H,W,C], 'label': [B_local]}.
 
@@ -107,11 +121,16 @@ class TrainData:
     self.source, self.layout, self._planner = source, layout, planner
     self.process_index, self.process_count = process_index, process_count
     self.local_batch = layout.global_batch // process_count
-    reader = _ReadElement(source, planner, process_index * self.local_batch, self.local_batch)
-    # range(B_local).repeat() is infinite and passes the global element index to the map.
-    self.dataset = (grain.MapDataset.range(self.local_batch).repeat()
-                    .map_with_index(reader)
-                    .batch(self.local_batch, drop_remainder=True))
+    offset = process_index * self.local_batch
+    if hasattr(source, 'read_batch'):  # one element per step, read in one vectorised call
+      self.dataset = (grain.MapDataset.range(1).repeat()
+                      .map_with_index(_ReadBatch(source, planner, offset, self.local_batch)))
+    else:
+      # range(B_local).repeat() is infinite and passes the global element index to the map.
+      self.dataset = (grain.MapDataset.range(self.local_batch).repeat()
+                      .map_with_index(_ReadElement(source, planner, offset, self.local_batch))
+                      .batch(self.local_batch, drop_remainder=True))
+    # Either way the iterator's index is the step: get_state()/set_state() mean the same.
     self._read_options = read_options
     self._iter: grain.DatasetIterator | None = None
     self._fingerprint = {'source': source_name, 'num_examples': len(source),

@@ -9,6 +9,8 @@ A source is what the pipeline reads from:
   src.labels          int [n]: every image's class (read once, by the 'class' grouping mode)
   src.read(i, step)   optional: image i as drawn at training step `step` (a source with per-step
                       randomness, e.g. a fresh posterior sample of stored latents)
+  src.read_batch(ids, step)  optional: (images [B, H, W, C], labels [B]) of many ids at once,
+                      as `read` draws them (the pipeline then reads one batch per step)
   src.valid_ids       optional: the ids grouping may draw (default all; unreadable images out)
 `__getitem__` is called from grain's reader threads, so it must not open files: everything is
 loaded or memory-mapped once in `__init__` (np.load inside grain's threads crashed Python 3.11.7).
