@@ -7,12 +7,15 @@ Reads the shards written by groupdiff_jax.embed, searches with a backend from
 retrieval/backends.py (ScaNN for large n, exact for small), writes OUT_DIR/{ids,sims}.npy +
 header.json (retrieval/neighbor_file.py), and prints recall against exact search on a random
 sample plus grouping statistics. Every input check runs before any work: a bad input exits with a
-one-line error and leaves the output directory untouched.
+one-line error and leaves the output directory untouched. The file is written into a temporary
+directory and renamed into place, header last; an existing file in --workdir is replaced only
+when it was built from the same embeddings (dataset name, n and a fingerprint of the rows).
 """
 import concurrent.futures
 import datetime
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,14 +24,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from groupdiff_jax import cli
+from groupdiff_jax import cli, progress
 from groupdiff_jax.retrieval import backends, neighbor_file, stats
 from groupdiff_jax.retrieval.embedding_store import EmbeddingSet
 from groupdiff_jax.retrieval.errors import InputError
-
-
-def _print(msg: str) -> None:
-  print(msg, flush=True)
 
 
 def peak_rss_gb() -> float:
@@ -40,8 +39,13 @@ def _memory() -> str:
   return f'(RSS peak so far {peak_rss_gb():.2f} GB)'
 
 
-def _check_output(workdir: str, dataset: str) -> None:
-  """Refuses to replace a neighbour file that belongs to another dataset."""
+def _warn(msg: str) -> None:
+  print(f'neighbors: warning: {msg}', file=sys.stderr, flush=True)
+
+
+def _check_output(workdir: str, emb: EmbeddingSet, fingerprint: str) -> None:
+  """Refuses to replace a neighbour file that belongs to other embeddings: another dataset, or
+  the same dataset name with other data (n, or the fingerprint of the rows, differs)."""
   if not os.path.exists(os.path.join(workdir, 'header.json')):
     return
   try:
@@ -49,9 +53,14 @@ def _check_output(workdir: str, dataset: str) -> None:
   except (neighbor_file.NeighborFileError, ValueError) as e:
     raise InputError(f'{workdir} holds an unreadable neighbour file ({e}); choose another '
                      'workdir or remove it') from None
-  if old.get('dataset') != dataset:
+  if old.get('dataset') != emb.dataset:
     raise InputError(f'{workdir} holds a neighbour file for dataset {old.get("dataset")!r}, not '
-                     f'{dataset!r}; choose another workdir or remove it')
+                     f'{emb.dataset!r}; choose another workdir or remove it')
+  if old.get('n') != emb.n or old.get('fingerprint', fingerprint) != fingerprint:
+    raise InputError(f'{workdir} holds a neighbour file for dataset {emb.dataset!r} built from '
+                     f'other embeddings (n={old.get("n")}, fingerprint '
+                     f'{old.get("fingerprint")}; these: n={emb.n}, fingerprint {fingerprint}); '
+                     'choose another workdir or remove it')
 
 
 def _overrides(config: ml_collections.ConfigDict, backend: str) -> dict[str, Any]:
@@ -61,7 +70,8 @@ def _overrides(config: ml_collections.ConfigDict, backend: str) -> dict[str, Any
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        log: Callable[[str], None] = _print) -> dict[str, Any]:
+        log: Callable[[str], None] = progress.say,
+        warn: Callable[[str], None] = _warn) -> dict[str, Any]:
   """Checks the inputs, builds and writes the neighbour file; returns its header."""
   t_start = time.time()
   if not config.embeddings:
@@ -74,7 +84,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   emb = EmbeddingSet(config.embeddings)           # structure: manifest, shard counts and widths
   if k >= emb.n:
     raise InputError(f'K={k} must be smaller than the number of images n={emb.n}')
-  _check_output(workdir, emb.dataset)
   try:
     name = backends.resolve(config.backend, emb.n, config.exact_max_n)
     params = backends.BACKENDS[name].params(emb.n, k, _overrides(config, name))
@@ -82,9 +91,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     raise InputError(f'config: unknown backend or parameter {e}; backends: auto, '
                      f'{", ".join(backends.BACKENDS)}') from None
   log(f'neighbors: {emb.dataset} ({emb.encoder}) n={emb.n} dim={emb.dim} K={k} backend={name}')
-  emb.check_values()                               # NaN/Inf and zero norms: one streamed pass
+  norms = emb.check_values()                       # NaN/Inf and zero norms: one streamed pass
+  fingerprint = emb.fingerprint()
+  _check_output(workdir, emb, fingerprint)
+  if norms['not_unit']:
+    warn(f'{norms["not_unit"]} of {emb.n} embeddings are not L2-normalised (norms '
+         f'{norms["min_norm"]:.3g} to {norms["max_norm"]:.3g}); they are normalised here, but '
+         'check the job that wrote them')
   t_loaded = time.time()
-  log(f'neighbors: embeddings checked in {t_loaded - t_start:.1f}s {_memory()}')
+  log(f'neighbors: embeddings checked in {progress.duration(t_loaded - t_start)} {_memory()}')
 
   # The exact reference for the recall check needs no index: compute it alongside the build.
   measure = name != 'exact' and config.recall_queries > 0
@@ -93,7 +108,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         if measure else None
     ids, sims = backends.BACKENDS[name].run(emb, k, params, log)
     t_index = time.time()
-    log(f'neighbors: top-{k} of {emb.n} images in {t_index - t_loaded:.1f}s {_memory()}')
+    log(f'neighbors: top-{k} of {emb.n} images in {progress.duration(t_index - t_loaded)} '
+        f'{_memory()}')
     if measure:
       rec: dict[str, Any] = stats.recall(ids, truth.result(), config.seed,
                                          tuple(config.recall_at))
@@ -108,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   for line in stats.format_grouping(group):
     log(line)
   header = {
-      'dataset': emb.dataset, 'encoder': emb.encoder,
+      'dataset': emb.dataset, 'encoder': emb.encoder, 'fingerprint': fingerprint,
       'embeddings': os.path.abspath(config.embeddings),
       'index': dict(params, backend=name), 'recall': rec, 'grouping': group,
       'ids': emb.manifest.get('ids', ''),
@@ -119,7 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   }
   neighbor_file.write_neighbors(workdir, ids, sims, header)
   total = time.time() - t_start
-  log(f'neighbors: wrote {workdir} in {total:.1f}s total, peak RSS {peak_rss_gb():.2f} GB')
+  log(f'neighbors: wrote {workdir} in {progress.duration(total)} total, peak RSS '
+      f'{peak_rss_gb():.2f} GB')
   return neighbor_file.read_header(workdir)
 
 

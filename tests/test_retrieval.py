@@ -252,3 +252,112 @@ def test_embed_tfds_uint8_tensor_source(tmp_path):
   assert m['n'] == 3 and m['dataset'] == 'tfds:tiny_retrieval_images/train'
   assert 'record i' in m['ids']
   assert embedding_store.EmbeddingSet(str(tmp_path / 'emb')).load_float32().shape == (3, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The realistic benchmark data.
+def test_realistic_embeddings_have_real_statistics():
+  n, dim = 20_000, 256
+  knobs = synthetic.Realistic(num_classes=round(n / 1281))
+  params = synthetic.realistic_params(n, dim, knobs, seed=0)
+  x, labels = synthetic.generate_realistic_chunk(0, n, params, knobs, seed=0)
+  np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+  q = np.random.default_rng(1).choice(n, 500, replace=False)
+  sims = x[q] @ x.T
+  sims[np.arange(len(q)), q] = -np.inf
+  top = -np.sort(-np.partition(sims, -16, axis=1)[:, -16:], axis=1)   # [q, 16], best first
+  # DINOv2-L on ImageNet: top-1 cosine median ~0.7, 16th ~0.57.
+  assert abs(np.median(top[:, 0]) - 0.70) < 0.04
+  assert abs(np.median(top[:, 15]) - 0.57) < 0.04
+  # Near-duplicates (cosine ~0.98) and outliers (nothing close) exist, a few percent each.
+  assert 0.01 < np.mean(top[:, 0] > 0.95) < 0.06
+  assert np.mean(top[:, 0] < 0.4) > 0.002
+  # Classes overlap: a clear minority of the top 16 is from other classes.
+  nn = np.argsort(-sims, axis=1)[:, :16]
+  assert 0.6 < np.mean(labels[nn] == labels[q][:, None]) < 0.95
+  # Zipf class sizes: the largest classes follow size ~ rank^-1.
+  sizes = np.sort(np.bincount(labels, minlength=knobs.num_classes))[::-1]
+  slope = np.polyfit(np.log(np.arange(1, 9)), np.log(sizes[:8]), 1)[0]
+  assert -1.3 < slope < -0.7 and sizes[0] > 5 * np.median(sizes)
+
+
+def test_realistic_writer_is_deterministic_and_resumable(tmp_path):
+  m = synthetic.write_realistic(str(tmp_path / 'a'), 3000, 32, shard_size=1000, log=None)
+  first = embedding_store.EmbeddingSet(str(tmp_path / 'a')).load_float32()
+  os.remove(tmp_path / 'a' / m['shards'][1]['file'])
+  synthetic.write_realistic(str(tmp_path / 'a'), 3000, 32, shard_size=1000, log=None)
+  np.testing.assert_array_equal(embedding_store.EmbeddingSet(str(tmp_path / 'a')).load_float32(),
+                                first)
+  assert m['source']['kind'] == 'realistic' and m['source']['num_classes'] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# A safe output: atomic write, the same data only, a warning for unnormalised input.
+def _files(d):
+  return {f: open(os.path.join(str(d), f), 'rb').read() for f in sorted(os.listdir(str(d)))}
+
+
+def test_write_is_atomic_header_last(tmp_path, monkeypatch):
+  out = str(tmp_path / 'nb')
+  neighbor_file.write_neighbors(out, np.ones((4, 2), np.int32), np.ones((4, 2)), {'dataset': 'a'})
+  before = _files(out)
+  real_save = np.save
+
+  def save_then_crash(path, arr):  # the process dies while writing sims
+    real_save(path, arr)
+    if str(path).endswith('sims.npy'):
+      raise KeyboardInterrupt
+  monkeypatch.setattr(np, 'save', save_then_crash)
+  with pytest.raises(KeyboardInterrupt):
+    neighbor_file.write_neighbors(out, np.zeros((4, 2), np.int32), np.zeros((4, 2)), {})
+  assert _files(out) == before                                # the old file, complete
+  monkeypatch.setattr(np, 'save', real_save)
+
+  real_replace = os.replace
+
+  def crash_on_sims(src, dst):  # ids renamed, the process dies before sims and the header
+    if str(dst).endswith('sims.npy'):
+      raise KeyboardInterrupt
+    real_replace(src, dst)
+  monkeypatch.setattr(os, 'replace', crash_on_sims)
+  with pytest.raises(KeyboardInterrupt):
+    neighbor_file.write_neighbors(out, np.zeros((4, 2), np.int32), np.zeros((4, 2)), {})
+  monkeypatch.setattr(os, 'replace', real_replace)
+  assert 'header.json' not in os.listdir(out)                 # no header beside new ids
+  with pytest.raises(neighbor_file.NeighborFileError, match='missing header.json'):
+    neighbor_file.read_neighbors(out)
+  os.makedirs(os.path.join(out, '.writing-stale'))            # a crashed write's leftovers
+  neighbor_file.write_neighbors(out, np.full((4, 2), 3, np.int32), np.zeros((4, 2)), {})
+  assert sorted(os.listdir(out)) == ['header.json', 'ids.npy', 'sims.npy']
+  assert (neighbor_file.read_neighbors(out)[0] == 3).all()
+
+
+def test_refuses_a_file_from_other_data_of_the_same_name(tmp_path):
+  out = tmp_path / 'out'
+  _write_embeddings(tmp_path / 'a', _unit(40, 8, seed=0))
+  first = neighbors.run(_nb_config(tmp_path / 'a', k=5), str(out), log=lambda m: None)
+  assert len(first['fingerprint']) == 16
+  neighbors.run(_nb_config(tmp_path / 'a', k=5), str(out), log=lambda m: None)  # same: replaced
+  before = _files(out)
+  _write_embeddings(tmp_path / 'b', _unit(40, 8, seed=1))      # same name and n, other rows
+  _write_embeddings(tmp_path / 'c', _unit(41, 8, seed=0))      # same name, other n
+  for other, what in (('b', 'n=40, fingerprint'), ('c', 'n=41')):
+    with pytest.raises(InputError, match=f"dataset 'toy' built from other embeddings .*these: "
+                                         f'{what}'):
+      neighbors.run(_nb_config(tmp_path / other, k=5), str(out), log=lambda m: None)
+  assert _files(out) == before
+
+
+def test_warns_once_about_unnormalised_embeddings(tmp_path):
+  rows = _unit(40, 8)
+  rows[:7] *= 3.0
+  _write_embeddings(tmp_path / 'emb', rows)
+  warnings = []
+  neighbors.run(_nb_config(tmp_path / 'emb', k=5), str(tmp_path / 'out'), log=lambda m: None,
+                warn=warnings.append)
+  assert len(warnings) == 1 and warnings[0].startswith('7 of 40 embeddings are not L2-normalised')
+  warnings.clear()
+  _write_embeddings(tmp_path / 'unit', _unit(40, 8))
+  neighbors.run(_nb_config(tmp_path / 'unit', k=5), str(tmp_path / 'out2'), log=lambda m: None,
+                warn=warnings.append)
+  assert not warnings  # float16-rounded unit rows are within the tolerance

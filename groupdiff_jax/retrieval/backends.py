@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from groupdiff_jax import progress
 from groupdiff_jax.retrieval import exact, scann_index
 from groupdiff_jax.retrieval.embedding_store import EmbeddingSet
 
@@ -48,7 +49,7 @@ def _scann_run(emb: EmbeddingSet, k: int, params: dict[str, Any], log: Log):
   log(f'scann: building index over {emb.n} x {emb.dim}: {params}')
   t0 = time.time()
   index = scann_index.build(emb, k, params, log)
-  log(f'scann: index built in {time.time() - t0:.1f}s (RSS peak so far '
+  log(f'scann: index built in {progress.duration(time.time() - t0)} (RSS peak so far '
       f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB)')
   return scann_index.search_all(index, emb.unit_blocks(), emb.n, k, params, log)
 

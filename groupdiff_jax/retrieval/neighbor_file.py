@@ -6,9 +6,13 @@ A directory holding
   header.json              {"format": "groupdiff-neighbors/1", "dataset": str, "encoder": str,
                             "n": int, "k": int, "index": {...}, "recall": {...}}
 Plain .npy files so any tool (numpy, memmap) can read them; the data pipeline memory-maps them.
+header.json is the completion marker: a directory without it holds no (complete) neighbour file.
 """
+import glob
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -22,19 +26,33 @@ class NeighborFileError(ValueError):
 
 def write_neighbors(directory: str, ids: np.ndarray, sims: np.ndarray,
                     header: dict[str, Any]) -> None:
-  """Writes the three files; header.json last, so its presence marks a complete file."""
+  """Writes the three files so that a header never sits beside a half-written array.
+
+  Everything is written into a temporary directory inside `directory` first. Then an old
+  header.json is removed (the directory now reads as incomplete), the arrays are renamed into
+  place, and the header is renamed last. A crash at any point leaves either the old complete
+  file, or no header; the temporary directory of a crashed write is removed by the next one.
+  """
   ids = np.asarray(ids)
   sims = np.asarray(sims)
   if ids.ndim != 2 or ids.shape != sims.shape:
     raise NeighborFileError(f'ids {ids.shape} and sims {sims.shape} must be equal 2-D shapes')
   os.makedirs(directory, exist_ok=True)
-  np.save(os.path.join(directory, 'ids.npy'), ids.astype(np.int32))
-  np.save(os.path.join(directory, 'sims.npy'), sims.astype(np.float16))
-  full = dict(header, format=FORMAT, n=int(ids.shape[0]), k=int(ids.shape[1]))
-  tmp = os.path.join(directory, 'header.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(full, f, indent=1, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, 'header.json'))
+  for stale in glob.glob(os.path.join(directory, '.writing-*')):
+    shutil.rmtree(stale, ignore_errors=True)
+  tmp = tempfile.mkdtemp(prefix='.writing-', dir=directory)
+  try:
+    np.save(os.path.join(tmp, 'ids.npy'), ids.astype(np.int32))
+    np.save(os.path.join(tmp, 'sims.npy'), sims.astype(np.float16))
+    full = dict(header, format=FORMAT, n=int(ids.shape[0]), k=int(ids.shape[1]))
+    with open(os.path.join(tmp, 'header.json'), 'w') as f:
+      json.dump(full, f, indent=1, sort_keys=True)
+    if os.path.exists(os.path.join(directory, 'header.json')):
+      os.remove(os.path.join(directory, 'header.json'))
+    for name in ('ids.npy', 'sims.npy', 'header.json'):  # the header last
+      os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_header(directory: str) -> dict[str, Any]:

@@ -12,12 +12,12 @@ backend needs it.
 """
 import math
 import os
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
+from groupdiff_jax import progress
 from groupdiff_jax.retrieval.embedding_store import EmbeddingSet
 
 # Keys a config may override; None means "derive from n" (see derive_params).
@@ -141,18 +141,15 @@ def build(emb: EmbeddingSet, k: int, params: dict[str, Any],
     searcher.reserve(emb.n)
   in_sample = np.zeros(emb.n, bool)
   in_sample[sample] = True
-  t0, added, todo = time.time(), 0, emb.n - len(sample)
+  added = progress.Progress('scann: add', emb.n - len(sample), unit='rows',
+                            log=log or (lambda line: None))
   for start, block in emb.unit_blocks():
     ids = np.arange(start, start + len(block))
     new = ~in_sample[ids]
     if new.any():
       searcher.upsert(ids[new].tolist(), np.ascontiguousarray(block[new]),
                       batch_size=p['upsert_batch'])
-      added += int(new.sum())
-      if log:
-        el = time.time() - t0
-        log(f'scann: added {added}/{todo} rows ({100 * added / todo:.1f}%) '
-            f'ETA {(todo - added) * el / added:.0f}s')
+      added.update(int(new.sum()))
   return Index(searcher, np.asarray(searcher.docids, np.int32))
 
 
@@ -182,7 +179,7 @@ def search_all(index: Index, blocks: Iterable[tuple[int, np.ndarray]], n: int, k
   """
   ids = np.empty((n, k), np.int32)
   sims = np.empty((n, k), np.float16)  # the file's precision; halves the largest output array
-  t0, done = time.time(), 0
+  done = progress.Progress('scann: query', n, unit='queries', log=log or (lambda line: None))
   for start, rows in blocks:
     idx, dist = index.search(rows, k + 1, params)
     if idx.shape[1] < k + 1:  # fewer candidates than asked: too few leaves searched
@@ -190,9 +187,5 @@ def search_all(index: Index, blocks: Iterable[tuple[int, np.ndarray]], n: int, k
                          'leaves_to_search or reorder')
     stop = start + len(rows)
     ids[start:stop], sims[start:stop] = drop_self(idx, dist, start)
-    done += len(rows)
-    if log:
-      el = time.time() - t0
-      log(f'scann: queried {done}/{n} ({100 * done / n:.1f}%) {done / el:.0f} q/s '
-          f'ETA {(n - done) * el / done:.0f}s')
+    done.update(len(rows))
   return ids, sims
