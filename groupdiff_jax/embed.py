@@ -57,17 +57,6 @@ def _plan(config, source: image_sources.ImageSource, encoder: encoders.Encoder,
       model_dir=os.path.abspath(config.model_dir), compute_dtype=config.dtype)
 
 
-def _check_resume(workdir: str, plan: dict[str, Any]) -> None:
-  """A workdir may hold the same job (resume) or nothing; never another job's shards."""
-  if not os.path.exists(os.path.join(workdir, embedding_store.MANIFEST)):
-    return
-  old = embedding_store.read_manifest(workdir)
-  diff = [k for k in _IDENTITY if old.get(k) != plan.get(k)]
-  if diff:
-    raise InputError(f'{workdir} holds embeddings of another job (differs in {", ".join(diff)}: '
-                     f'{old.get(diff[0])!r} vs {plan.get(diff[0])!r}); use another workdir')
-
-
 def run(config: ml_collections.ConfigDict, workdir: str,
         log: Callable[[str], None] = progress.say) -> dict[str, Any]:
   """Embeds the configured dataset into workdir; returns the manifest."""
@@ -88,11 +77,12 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     spec = encoders.Preprocess(config.resize or spec.resize, config.crop or spec.crop,
                                spec.mean, spec.std)
   manifest = _plan(config, source, encoder, spec)
-  _check_resume(workdir, manifest)
-  previous = manifest_failed(workdir)
+  old = embedding_store.read_manifest(workdir) if os.path.exists(
+      os.path.join(workdir, embedding_store.MANIFEST)) else None
+  image_sources.refuse_other_job(workdir, old, manifest, _IDENTITY, 'embeddings')
+  previous = list(old.get('failed', [])) if old else []  # failed images of finished shards
   embedding_store.write_manifest(workdir, dict(manifest, failed=previous))
-  if source.id_list is not None:
-    _write_lines(os.path.join(workdir, 'image_ids.txt'), source.id_list)
+  image_sources.write_id_list(workdir, source)
 
   mesh = Mesh(np.array(jax.devices()), ('data',))
   fn, batch_sharding, replicated = make_embed_fn(encoder, spec, mesh)
@@ -159,22 +149,8 @@ def placeholder_row(image_id: int, dim: int) -> np.ndarray:
   return (x / np.linalg.norm(x)).astype(np.float32)
 
 
-def manifest_failed(workdir: str) -> list[dict[str, Any]]:
-  """The failed images a previous run of this job recorded ([] for a fresh workdir)."""
-  if not os.path.exists(os.path.join(workdir, embedding_store.MANIFEST)):
-    return []
-  return list(embedding_store.read_manifest(workdir).get('failed', []))
-
-
 def _shard_of(shards: list[dict[str, Any]], image_id: int) -> str:
   return next(s['file'] for s in shards if s['start'] <= image_id < s['start'] + s['count'])
-
-
-def _write_lines(path: str, lines: list[str]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  os.replace(tmp, path)
 
 
 def main(argv: list[str]) -> None:

@@ -56,17 +56,6 @@ def plan(config: ml_collections.ConfigDict, source: image_sources.ImageSource,
       compute_dtype=config.compute_dtype)
 
 
-def _check_resume(workdir: str, manifest: dict[str, Any]) -> None:
-  """A workdir may hold the same job (resume) or nothing; never another job's shards."""
-  if not os.path.exists(os.path.join(workdir, latent_store.MANIFEST)):
-    return
-  old = latent_store.read_manifest(workdir)
-  diff = [k for k in _IDENTITY if old.get(k) != manifest.get(k)]
-  if diff:
-    raise UserError(f'{workdir} holds latents of another job (differs in {", ".join(diff)}: '
-                    f'{old.get(diff[0])!r} vs {manifest.get(diff[0])!r}); use another workdir')
-
-
 def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if not workdir:
     raise UserError('--workdir is not set')
@@ -99,12 +88,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                     f'downsampling factor {factor}')
   side = config.resolution // factor
   manifest = plan(config, source, (side, side, vae.cfg.latent_channels), vae.scaling_factor)
-  _check_resume(workdir, manifest)
+  old = latent_store.read_manifest(workdir) if os.path.exists(
+      os.path.join(workdir, latent_store.MANIFEST)) else None
+  image_sources.refuse_other_job(workdir, old, manifest, _IDENTITY, 'latents')
   pid, count = jax.process_index(), jax.process_count()
   if pid == 0:
     latent_store.write_manifest(workdir, manifest)
-    if source.id_list is not None:
-      _write_lines(os.path.join(workdir, 'image_ids.txt'), source.id_list)
+    image_sources.write_id_list(workdir, source)
 
   shards = manifest['shards']
   mine = shards[pid::count]
@@ -187,10 +177,3 @@ class _Encoder:
                      latent=(mean[j] + std[j] * eps) * manifest['scaling_factor'])
       bar.update(len(batch))
     writer.close()
-
-
-def _write_lines(path: str, lines: list[str]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  os.replace(tmp, path)

@@ -158,3 +158,27 @@ def open_source(config) -> ImageSource:
   if config.kind not in SOURCES:
     raise InputError(f'data.kind {config.kind!r} unknown; choose from {", ".join(SOURCES)}')
   return SOURCES[config.kind](config)
+
+
+# --- what every offline job over an image source does with its workdir --------------------------
+
+def refuse_other_job(workdir: str, old: dict[str, Any] | None, new: dict[str, Any],
+                     identity: tuple[str, ...], what: str) -> None:
+  """A job's workdir holds nothing yet (old is None) or this same job (resume), never another
+  job's output: the first manifest field of `identity` that differs is named."""
+  if old is None:
+    return
+  diff = [k for k in identity if old.get(k) != new.get(k)]
+  if diff:
+    raise InputError(f'{workdir} holds {what} of another job (differs in {", ".join(diff)}: '
+                     f'{old.get(diff[0])!r} vs {new.get(diff[0])!r}); use another workdir')
+
+
+def write_id_list(workdir: str, source: ImageSource) -> None:
+  """WORKDIR/image_ids.txt (line i = the relative path of id i) for a folder source, atomically."""
+  if source.id_list is None:
+    return
+  path = os.path.join(workdir, 'image_ids.txt')
+  with open(path + '.tmp', 'w') as f:
+    f.write('\n'.join(source.id_list) + '\n')
+  os.replace(path + '.tmp', path)
