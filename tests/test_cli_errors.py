@@ -19,6 +19,7 @@ JOBS = {
     'bench_neighbors': (None, '--workdir'),
     'evaluate': (None, None),
     'diagnose': (None, '--out'),
+    'digits_classifier': (None, '--out'),
 }
 
 
