@@ -194,6 +194,25 @@ def test_encode_resumes_and_redoes_a_partial_shard(prepared, tmp_path):
     encoding.run(_encode_config(prepared['vae'], prepared['images'], flip=True), work)
 
 
+def test_multi_process_encode_splits_the_shards(prepared, tmp_path):
+  """Two processes of one job (played in turn, process 1 first): each encodes its own shards
+  (p, p + 2, ...), process 0 completes the set; the result is the single-process one."""
+  work = str(tmp_path / 'lat')
+  config = _encode_config(prepared['vae'], prepared['images'])
+  logs = []
+  encoding.run(config, work, log=logs.append, process_index=1, process_count=2)
+  assert 'process 1 of 2' in logs[0] and not os.path.exists(os.path.join(work, 'manifest.json'))
+  m = latent_store.read_manifest(prepared['latents'])
+  written = sorted(f for f in os.listdir(work) if f.endswith('.array_record'))
+  assert written == [m['shards'][1]['file']]  # shards 0, 1, 2: process 1 owns shard 1 only
+  m2 = encoding.run(config, work, log=logs.append, process_index=0, process_count=2)
+  assert m2['complete'] and m2['failed'] == m['failed']
+  for shard in m['shards']:
+    with open(os.path.join(work, shard['file']), 'rb') as a, \
+         open(os.path.join(prepared['latents'], shard['file']), 'rb') as b:
+      assert a.read() == b.read()
+
+
 def test_flip_copies_and_fixed_samples(prepared, tmp_path):
   config = _encode_config(prepared['vae'], prepared['images'], flip=True, store='sample',
                           shard_size=100)

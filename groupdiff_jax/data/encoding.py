@@ -67,8 +67,12 @@ def _check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        log: Callable[[str], None] = progress.say) -> dict[str, Any]:
-  """Encodes the configured dataset into workdir; returns the manifest (complete on process 0)."""
+        log: Callable[[str], None] = progress.say, *, process_index: int | None = None,
+        process_count: int | None = None) -> dict[str, Any]:
+  """Encodes the configured dataset into workdir; returns the manifest (complete on process 0).
+
+  process_index/process_count default to JAX's (tests pass them to play the processes of a
+  multi-host job one after the other, the others first)."""
   from groupdiff_jax.models import vae as vae_lib, vae_weights  # pylint: disable=import-outside-toplevel
   _check_config(config, workdir)
   source = image_sources.open_source(config.data)
@@ -91,7 +95,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   old = latent_store.read_manifest(workdir) if os.path.exists(
       os.path.join(workdir, latent_store.MANIFEST)) else None
   image_sources.refuse_other_job(workdir, old, manifest, _IDENTITY, 'latents')
-  pid, count = jax.process_index(), jax.process_count()
+  pid = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  os.makedirs(workdir, exist_ok=True)  # every process writes its shards, maybe before process 0
   if pid == 0:
     latent_store.write_manifest(workdir, manifest)
     image_sources.write_id_list(workdir, source)
@@ -112,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   with concurrent.futures.ThreadPoolExecutor(max(1, config.num_workers)) as pool:
     for shard in todo:
       encoder.encode_shard(workdir, shard, manifest, pool, bar)
-  if count > 1:  # every process's shards are on disk before process 0 declares the set complete
+  if jax.process_count() > 1:  # all shards on disk before process 0 declares the set complete
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('groupdiff_jax.encode: shards written')
   if pid == 0:
