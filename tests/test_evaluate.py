@@ -95,8 +95,9 @@ def test_metrics_from_files(files, extractor, tmp_path):
   mu, sigma = metrics.statistics(r['pool'])
   mu_s, sigma_s = metrics.statistics(r['spatial'])
   np.savez(stats, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-  from_stats = evaluator.compute(evaluator.check_inputs(files['samples'], stats, files['weights']),
-                                 extractor=extractor)
+  inputs = evaluator.check_inputs(files['samples'], stats, files['weights'],
+                                  feature_dims=(24, 6 * 6 * 4))  # TinyFeatures' sizes
+  from_stats = evaluator.compute(inputs, extractor=extractor)
   assert from_stats['fid'] == pytest.approx(result['fid'], rel=1e-5)
   assert from_stats['sfid'] == pytest.approx(result['sfid'], rel=1e-5)
   assert from_stats['precision'] is None and from_stats['num_reference'] is None
@@ -179,6 +180,13 @@ def test_bad_input_is_one_line_error(files, tmp_path, case, expected):
   assert len(lines) == 1 and lines[0].startswith('groupdiff_jax: error: '), proc.stderr
   assert expected in lines[0]
   assert not os.path.exists(out)
+
+
+def test_check_inputs_refuses_statistics_of_another_size(tmp_path, files):
+  stats = str(tmp_path / 'stats64.npz')
+  np.savez(stats, mu=np.zeros(64), sigma=np.eye(64))
+  with pytest.raises(UserError, match='mu has shape'):
+    evaluator.check_inputs(files['samples'], stats, files['weights'])
 
 
 def test_check_inputs_refuses_a_single_image(tmp_path, files):

@@ -18,6 +18,7 @@ from groupdiff_jax.evaluation import npz_images
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                + WEIGHTS_NAME)
+POOL_DIMS, SPATIAL_DIMS = 2048, 17 * 17 * 7  # the Inception's pool_3 and mixed_6/conv[..., :7]
 # (key in the result, label in the table, format)
 TABLE = (('fid', 'FID', '{:.4f}'), ('sfid', 'sFID', '{:.4f}'),
          ('inception_score', 'Inception Score', '{:.3f}'), ('precision', 'Precision', '{:.4f}'),
@@ -32,8 +33,10 @@ class Inputs:
   weights: str
 
 
-def check_inputs(samples: str, ref: str, weights: str | None) -> Inputs:
-  """Opens and validates every input; raises UserError naming the first problem."""
+def check_inputs(samples: str, ref: str, weights: str | None,
+                 feature_dims: tuple[int, int] = (POOL_DIMS, SPATIAL_DIMS)) -> Inputs:
+  """Opens and validates every input; raises UserError naming the first problem.
+  feature_dims: the (pool, spatial) sizes reference statistics must have."""
   source = npz_images.ImageSource(samples)
   if len(source) < 2:
     raise UserError(f'{samples}: {len(source)} image; FID needs at least 2 (50,000 is standard)')
@@ -42,6 +45,10 @@ def check_inputs(samples: str, ref: str, weights: str | None) -> Inputs:
   has_images = any(npz_images.has_images(f) for f in ref_files)
   if ref_stats is None and not has_images:
     raise UserError(f'{ref}: neither reference images (arr_0) nor statistics (mu, sigma)')
+  for key, dims in zip(('mu', 'mu_s'), feature_dims):
+    if ref_stats and key in ref_stats and ref_stats[key].shape != (dims,):
+      raise UserError(f'{ref}: {key} has shape {ref_stats[key].shape}; the FID Inception gives '
+                      f'{dims} features (is it statistics of another network?)')
   ref_images = npz_images.ImageSource(ref) if has_images else None
   if not weights:
     raise UserError(f'--inception_weights is required: the FID Inception weights {WEIGHTS_NAME} '
