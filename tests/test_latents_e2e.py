@@ -226,6 +226,14 @@ def test_flip_copies_and_fixed_samples(prepared, tmp_path):
   eps = (rec['latent'][0].astype(np.float32) / 0.18215 - ref['mean'][0]) / ref['std'][0]
   assert abs(eps.mean()) < 0.3 and 0.6 < eps.std() < 1.4
   assert not np.allclose(rec['latent'][0], rec['latent'][1], atol=1e-2)  # the flipped view
+  # Training picks a view per (seed, step, image): both appear over a few steps, unchanged.
+  from groupdiff_jax.data import latent_source
+  src = latent_source.LatentSource(store, prepared['neighbors'], seed=0, num_classes=4,
+                                   model_shape=(8, 8, 4))
+  drawn = [src.read(5, step)[0] for step in range(12)]
+  views = {v for x in drawn for v in (0, 1) if np.array_equal(x, rec['latent'][v])}
+  assert views == {0, 1} and all(any(np.array_equal(x, rec['latent'][v]) for v in (0, 1))
+                                 for x in drawn)
 
 
 # --- bad input: one line before training, nothing overwritten ----------------------------------

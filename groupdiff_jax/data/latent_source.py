@@ -15,6 +15,7 @@ dataset name when the config gives one.
 import ml_collections
 import numpy as np
 
+from groupdiff_jax import progress
 from groupdiff_jax.cli import UserError
 from groupdiff_jax.data import latent_store
 from groupdiff_jax.retrieval import neighbor_file
@@ -83,6 +84,11 @@ class LatentSource:
     self.labels = latents.labels
     self._kind, self._variants = m['kind'], int(m['variants'])
     self._scale = np.float32(m['scaling_factor'])
+    skipped = f' ({len(latents.failed_ids)} unreadable left out)' if len(latents.failed_ids) else ''
+    progress.say(f'data: latents {latents.directory}: {len(self.valid_ids)} of {latents.n} images'
+                 f'{skipped}, {m["kind"]} {m["dtype"]} {"x".join(map(str, self.image_shape))}'
+                 f'{", flip copies" if self._variants > 1 else ""}; neighbours {neighbors_dir} '
+                 f'(K={ids.shape[1]})')
 
   def __len__(self) -> int:
     return self._latents.n
@@ -108,7 +114,8 @@ class LatentSource:
         views[j] = rng.integers(self._variants)
       if self._kind == 'moments':
         rng.standard_normal(dtype=np.float32, out=out[j])  # eps; the sample is made in place
-    pick = (lambda a: a[:, 0]) if self._variants == 1 else (lambda a: a[rows, views])  # a view
+    # One stored view: a strided view of the records, no copy; two: each image's drawn view.
+    pick = (lambda a: a[:, 0]) if self._variants == 1 else (lambda a: a[rows, views])
     if self._kind == 'sample':
       out[...] = pick(recs['latent'])
     else:
