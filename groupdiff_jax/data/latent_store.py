@@ -142,9 +142,14 @@ class ShardWriter:
         'labels': self._labels.tolist()})
 
 
-def _num_records(path: str) -> int:
+def _open_reader(path: str):
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=import-outside-toplevel
-  reader = ArrayRecordReader(path)
+  # Random access: no read-ahead (what grain's ArrayRecord source does too).
+  return ArrayRecordReader(path, options='readahead_buffer_size:0', file_reader_buffer_size=32768)
+
+
+def _num_records(path: str) -> int:
+  reader = _open_reader(path)
   try:
     return reader.num_records()  # a truncated file opens with 0 records (its footer is gone)
   finally:
@@ -199,14 +204,15 @@ class LatentSet:
   """
 
   def __init__(self, directory: str):
-    import grain  # pylint: disable=import-outside-toplevel
     self.directory = directory
     m = self.manifest = read_manifest(directory)
     if not m.get('complete'):
       raise UserError(f'{directory}: the encode job has not finished (rerun it to resume)')
     self.n, self.dataset = int(m['n']), str(m['dataset'])
     self.dtype = manifest_dtype(m)
-    paths = []
+    # One reader per shard, opened here once (not in the pipeline's reader threads) and shared
+    # by them; record r of the set is record r - starts[s] of shard s.
+    self._readers, counts = [], []
     for shard in m['shards']:
       path = os.path.join(directory, shard['file'])
       if not os.path.exists(path):
@@ -219,18 +225,20 @@ class LatentSet:
         raise UserError(f'{path} belongs to dataset {side.get("dataset")!r}, the manifest to '
                         f'{self.dataset!r}; do not mix encode outputs')
       try:
-        records = _num_records(path)
+        reader = _open_reader(path)
+        records = reader.num_records()  # a truncated file opens with 0 records
       except Exception as e:  # pylint: disable=broad-except
         raise UserError(f'{path}: unreadable ArrayRecord file ({type(e).__name__}; truncated?); '
                         'delete it and rerun the encode job') from None
       if records != side['records']:
         raise UserError(f'{path}: {records} records, {side["records"]} expected (truncated?); '
                         'delete it and rerun the encode job')
-      paths.append(path)
-    self._records = grain.sources.ArrayRecordDataSource(paths)
+      self._readers.append(reader)
+      counts.append(records)
+    self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     self.failed_ids = np.array(sorted(f['id'] for f in m.get('failed', [])), np.int64)
-    if len(self._records) != self.n - len(self.failed_ids):
-      raise UserError(f'{directory}: {len(self._records)} records for n={self.n} images with '
+    if self._starts[-1] != self.n - len(self.failed_ids):
+      raise UserError(f'{directory}: {self._starts[-1]} records for n={self.n} images with '
                       f'{len(self.failed_ids)} unreadable; the shards are not this manifest\'s')
     try:
       self.labels = np.load(os.path.join(directory, LABELS))
@@ -246,26 +254,23 @@ class LatentSet:
   def latent_shape(self) -> tuple[int, int, int]:
     return tuple(self.manifest['latent_shape'])
 
-  def row(self, image_id: int) -> int:
-    """The record index of an id (unreadable images have no record)."""
-    if not len(self.failed_ids):
-      return image_id
-    return image_id - int(np.searchsorted(self.failed_ids, image_id))
-
   def records(self, image_ids: np.ndarray) -> np.ndarray:
-    """The decoded records of many readable ids (one batched read): a structured array."""
-    ids = np.asarray(image_ids, np.int64)
+    """The decoded records of readable ids, in their order: a structured array (fields id,
+    label, mean/std or latent). One read call per shard touched."""
+    ids = np.asarray(image_ids, np.int64).reshape(-1)
     rows = ids if not len(self.failed_ids) else ids - np.searchsorted(self.failed_ids, ids)
-    recs = np.frombuffer(b''.join(self._records.__getitems__(rows.tolist())), self.dtype)
+    shard = np.searchsorted(self._starts, rows, side='right') - 1
+    chunks: list[bytes] = [b''] * len(ids)
+    for s in np.unique(shard):
+      where = np.flatnonzero(shard == s)
+      for k, data in zip(where, self._readers[s].read((rows[where] - self._starts[s]).tolist())):
+        chunks[k] = data
+    recs = np.frombuffer(b''.join(chunks), self.dtype)
     if not np.array_equal(recs['id'], ids):
       raise ValueError(f'{self.directory}: records hold other ids than asked for (unreadable '
                        'ids disagree with the manifest)')
     return recs
 
   def __getitem__(self, image_id: int) -> np.void:
-    """The decoded record of a (readable) image id: fields id, label, mean/std or latent."""
-    rec = np.frombuffer(self._records[self.row(image_id)], self.dtype, count=1)[0]
-    if rec['id'] != image_id:
-      raise ValueError(f'{self.directory}: record for id {image_id} holds id {rec["id"]} '
-                       '(unreadable ids disagree with the manifest)')
-    return rec
+    """The decoded record of one readable image id."""
+    return self.records(np.array([image_id]))[0]
