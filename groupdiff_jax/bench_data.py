@@ -126,7 +126,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', '/tmp/bench_data', 'The synthetic set and results go here.')
   flags.DEFINE_integer('n', 131_072, 'Rows of the synthetic latents set.')
   flags.DEFINE_list('threads', ['1', '2'], 'Grain reader thread counts to time.')
-  flags.DEFINE_integer('batches', 40, 'Timed batches per thread count.')
+  flags.DEFINE_integer('batches', 100, 'Timed batches per thread count.')
   flags.DEFINE_integer('warmup', 5, 'Batches read before timing.')
   flags.DEFINE_integer('encode_images', 256, 'Images for the encode benchmark (0: skip).')
   flags.DEFINE_integer('encode_resolution', 256, 'Encode resolution.')
