@@ -222,7 +222,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 # --- GroupDiff variants, logs ----------------------------------------------------------------
 
 PROGRESS = re.compile(r'step (\d+)/(\d+) \| loss (\d+\.\d+) \| (\d+\.\d) img/s \| '
-                      r'(\d+\.\d+) TFLOP/s/dev \| MFU (n/a|\d+\.\d%) \| ETA (\d+:\d\d:\d\d)')
+                      r'(\d+\.\d+) TFLOP/s/dev \| MFU (n/a|\d+\.\d%) \| '
+                      r'ETA (\d+s|\d+m\d\ds|\d+h\d\dm)')
 
 
 @pytest.mark.parametrize('cond,uncond', [(4, 4), (1, 1)], ids=['groupdiff_f', 'plain_sit'])
