@@ -90,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = pipeline.make_train_data(config, layout, workdir=workdir,
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
-  print(data.summary(), flush=True)  # unconditional share, epoch 0's grouping statistics
+  progress.say(data.summary())  # epoch 0's grouping statistics
   model_shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
   if tuple(data.image_shape) != model_shape:
     raise ValueError(f'data source {config.data.source!r} gives images {tuple(data.image_shape)} '

@@ -188,12 +188,10 @@ class TrainData:
             'mean_partner_sim': p.mean_partner_sim}
 
   def summary(self) -> str:
-    """One line for the trainer's startup: the effective unconditional share of the batch (the
-    layout rounds group.uncond_fraction to whole groups) and epoch 0's grouping statistics."""
-    lay = self.layout
-    return (f'data: {self._fingerprint["source"]}, {len(self.source)} images | unconditional '
-            f'{lay.num_uncond}/{lay.global_batch} = {100 * lay.num_uncond / lay.global_batch:.1f}%'
-            f' of each batch | epoch 0 {self._planner.plan(0).summary(self._planner.mode)}')
+    """One line for the trainer's startup: the source and epoch 0's grouping statistics (the
+    batch split is on the line before it, layout.describe_split)."""
+    return (f'data: {self._fingerprint["source"]}, {len(self.source)} images | epoch 0 '
+            f'{self._planner.plan(0).summary(self._planner.mode)}')
 
 
 def make_train_data(config: ml_collections.ConfigDict, layout: BatchLayout, *,
