@@ -12,12 +12,14 @@ from conftest import ROOT
 JOBS = {
     'main': ('configs/demo.py', '--workdir'),
     'bench': ('configs/demo.py', None),
+    'bench_data': ('configs/sit_xl.py', '--workdir'),
     'embed': ('configs/embed_dinov2_folder.py', '--workdir'),
     'encode': ('configs/encode_imagenet.py', '--workdir'),
     'neighbors': ('configs/neighbors_default.py', '--workdir'),
     'convert': (None, '--out'),
     'bench_neighbors': (None, '--workdir'),
     'evaluate': (None, None),
+    'sample': ('configs/sample_sit_xl.py', '--workdir'),
     'diagnose': (None, '--out'),
     'digits_classifier': (None, '--out'),
 }
@@ -60,7 +62,8 @@ def test_unknown_flag(job, tmp_path):
 def test_misspelled_config_key_names_the_key_and_suggests(job, tmp_path):
   key, suggestion = {'main': ('optim.lrr', 'optim.lr'), 'bench': ('optim.lrr', 'optim.lr'),
                      'embed': ('batch_sizee', 'batch_size'), 'neighbors': ('kk', 'k'),
-                     'encode': ('resolutin', 'resolution')}[job]
+                     'encode': ('resolutin', 'resolution'), 'bench_data': ('optim.lrr', 'optim.lr'),
+                     'sample': ('sample.cfg_scal', 'sample.cfg_scale')}[job]
   proc = run_job(job, *job_args(job, tmp_path, f'--config.{key}=1'))
   assert_one_line(proc, f"--config.{key}: unknown config key '{key}'",
                   f"did you mean '{suggestion}'?")
@@ -87,6 +90,8 @@ def test_missing_config_file(job, tmp_path, with_override):
     ('neighbors', '--config.k=ten', 'config.k'),
     ('convert', '--kind=bogus', 'kind'),
     ('bench_neighbors', '--n=abc', 'abc'),
+    ('bench_data', '--n=many', 'many'),
+    ('sample', '--config.num_samples=lots', 'num_samples'),
 ])
 def test_bad_value(job, bad, expected, tmp_path):
   proc = run_job(job, *job_args(job, tmp_path, bad))
