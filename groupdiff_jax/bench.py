@@ -12,7 +12,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from groupdiff_jax import cli
+from groupdiff_jax import cli, progress
 
 config_flags.DEFINE_config_file('config', None, 'A config file from configs/.', lock_config=True)
 flags.DEFINE_list('group_sizes', ['1', '4', '16'], 'Group sizes to time.')
@@ -87,12 +87,7 @@ def main(argv):
         f'dtype {FLAGS.config.model.dtype} | attention {FLAGS.config.model.attention} | '
         f'mode GroupDiff-{FLAGS.mode}', flush=True)
   rows = [bench_one(FLAGS.config, int(n), FLAGS.mode, FLAGS.steps) for n in FLAGS.group_sizes]
-  header = list(rows[0])
-  print('| ' + ' | '.join(header) + ' |')
-  print('|' + '---|' * len(header))
-  for r in rows:
-    print('| ' + ' | '.join(f'{v:.1f}' if isinstance(v, float) else str(v) for v in r.values())
-          + ' |', flush=True)
+  progress.print_table(rows)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

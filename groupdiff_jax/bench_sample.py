@@ -17,7 +17,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from groupdiff_jax import cli
+from groupdiff_jax import cli, progress
 
 FLAGS = flags.FLAGS
 
@@ -90,12 +90,7 @@ def main(argv: list[str]) -> None:
     rows.append(dict(throughput.report(f'torch eager ({torch_threads()} threads)', timed['batch'],
                                        secs, cond + uncond),
                      **{'compile s': 0.0}))
-  header = list(rows[0])
-  print('| ' + ' | '.join(header) + ' |')
-  print('|' + '---|' * len(header))
-  for r in rows:
-    print('| ' + ' | '.join(f'{v:.4g}' if isinstance(v, float) else str(v) for v in r.values())
-          + ' |', flush=True)
+  progress.print_table(rows, '.4g')
   if FLAGS.torch:
     print(f'jax / torch throughput: {rows[0]["img/s"] / rows[1]["img/s"]:.2f}x', flush=True)
 

@@ -71,3 +71,12 @@ class Progress:
     if now - self._last_line >= self.every_s or self.done >= self.total:
       self._last_line = now
       self.log(self.line(extra))
+
+
+def print_table(rows: list[dict], float_format: str = '.1f') -> None:
+  """Rows of equal keys as a Markdown table on stdout (benchmarks paste it into BENCHMARKS.md)."""
+  header = list(rows[0])
+  say('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
+  for r in rows:
+    say('| ' + ' | '.join(format(v, float_format) if isinstance(v, float) else str(v)
+                          for v in r.values()) + ' |')
