@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if todo:
     _sample_shards(config, source, cfg, plan, todo, workdir)
   if pc == 1 and len(shards.finished(workdir, plan)) == plan.num_shards:
-    path = shards.merge(workdir, grid_images=config.grid_images, grid_columns=plan.group_size * 8)
+    path = shards.merge(workdir, grid_images=config.grid_images)
     progress.say(f'wrote {path} ({plan.num_samples} images)')
   return {'done': len(done), 'sampled': len(todo), 'num_shards': plan.num_shards}
 

@@ -92,8 +92,9 @@ def write_shard(out: str, k: int, start: int, end: int, images: np.ndarray, labe
   return path
 
 
-def merge(out: str, *, grid_images: int = 64, grid_columns: int | None = None) -> str:
-  """Concatenates every shard (checking each id appears once) into OUT/samples.npz + a grid."""
+def merge(out: str, *, grid_images: int = 64) -> str:
+  """Concatenates every shard (checking each id appears once) into OUT/samples.npz + a grid whose
+  rows hold whole groups."""
   content = read_manifest(out)
   if content is None:
     raise UserError(f'{out} has no {MANIFEST}: not a sampling job directory')
@@ -117,6 +118,7 @@ def merge(out: str, *, grid_images: int = 64, grid_columns: int | None = None) -
   _atomic_write(path, lambda f: np.savez(f, arr_0=images, arr_1=labels))
   if grid_images:
     first = images[:grid_images].astype(np.float32) / 127.5 - 1.0  # back to [-1, 1] for the grid
-    image_grid.save_grid(first, os.path.join(out, GRID), columns=grid_columns,
+    group = content['run'].get('group_size', 1)
+    image_grid.save_grid(first, os.path.join(out, GRID), columns=group * max(1, 8 // group),
                          scale=max(1, 128 // images.shape[1]))
   return path
