@@ -156,10 +156,19 @@ def make_sample_fn(graphdef: Any, cfg: sit.SiTConfig, config, plan: Plan, mesh: 
     return jax.lax.with_sharding_constraint(
         entry.run(fn, noise, labels, keys, run_settings), out_sharding)
 
+  compiled = {}  # batch size -> executable, compiled ahead of time (timed apart from sampling)
+
+  def compile_for(params, batch: int):
+    if batch not in compiled:
+      ids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=ids_sharding)
+      with sharding.use_mesh(mesh, rules):  # activation constraints bind at trace time
+        compiled[batch] = sample.lower(params, ids).compile()
+    return compiled[batch]
+
   def run(params, ids):
     ids = jax.device_put(np.asarray(ids, np.int32), ids_sharding)
-    with sharding.use_mesh(mesh, rules):
-      return sample(params, ids)  # params arrive sharded: restored onto the mesh
+    return compile_for(params, ids.shape[0])(params, ids)  # params arrive sharded on the mesh
+  run.compile = compile_for
   return run
 
 
@@ -213,22 +222,18 @@ def _sample_shards(config, source, cfg, plan, todo, workdir) -> None:
   if batch != config.batch_size:
     progress.say(f'note: batch {config.batch_size} -> {batch} (whole groups of '
                  f'{plan.group_size}, split over {mesh.size} devices)')
+  t0 = time.perf_counter()
+  sample.compile(params, batch)  # apart, so that the rate below is sampling only
+  progress.say(f'compiled the sampler (batch {batch}) in '
+               f'{progress.duration(time.perf_counter() - t0)}')
   total = sum(plan.num_kept(*plan.shard_range(k)) for k in todo)
   bar = progress.Progress('sample', total, unit='images')
-  first = True
   for k in todo:
     start, end = plan.shard_range(k)
     images = []
     for lo in range(start, end, batch):
       ids = np.arange(lo, lo + batch)  # ids past `end` pad the last batch and are dropped
-      if first:  # compilation is not sampling throughput
-        bar.pause()
-        t0 = time.perf_counter()
       images.append(decode(sample(params, ids))[:end - lo])
-      if first:
-        progress.say(f'compiled and ran the first batch in {progress.duration(time.perf_counter() - t0)}')
-        bar.resume()
-        first = False
     ids = np.arange(start, end)
     keep = plan.kept(ids)
     shards.write_shard(workdir, k, start, end, np.concatenate(images)[keep],

@@ -62,8 +62,9 @@ def time_jax(cfg: sit.SiTConfig, config: ml_collections.ConfigDict, batch: int, 
   sample = job.make_sample_fn(graphdef, cfg, config, plan, mesh, rules)
   batch = job.batch_for(batch, group, mesh.size)
   t0 = time.perf_counter()
-  jax.block_until_ready(sample(params, np.arange(batch)))
+  sample.compile(params, batch)
   compile_s = time.perf_counter() - t0
+  jax.block_until_ready(sample(params, np.arange(batch)))  # warm-up run
   t0 = time.perf_counter()
   for r in range(reps):
     jax.block_until_ready(sample(params, np.arange((r + 1) * batch, (r + 2) * batch)))
