@@ -111,3 +111,58 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+# --- global batches from per-process rows ---------------------------------------------------
+# A process must hold exactly the rows its devices own in the global batch: the mesh may put a
+# process's devices anywhere along the batch axis (topology order), and the conditional /
+# unconditional split and group contiguity are decided by row index. So rows come from the
+# sharding's own index map, never from the process index.
+
+
+def _row_range(index: tuple[slice, ...], num_rows: int) -> range:
+  return range(*index[0].indices(num_rows))
+
+
+def _local_devices(sharding: jax.sharding.Sharding, global_shape: Sequence[int]) -> list:
+  return list(sharding.addressable_devices_indices_map(tuple(global_shape)))  # sharding's order
+
+
+def batch_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int],
+               devices: Sequence[jax.Device] | None = None) -> np.ndarray:
+  """Increasing global rows held by `devices` (default: this process's addressable devices)."""
+  index_map = sharding.devices_indices_map(tuple(global_shape))
+  devices = _local_devices(sharding, global_shape) if devices is None else devices
+  rows = set()
+  for device in devices:
+    rows.update(_row_range(index_map[device], global_shape[0]))
+  return np.array(sorted(rows), np.int64)
+
+
+def device_blocks(sharding: jax.sharding.Sharding, global_shape: Sequence[int],
+                  rows: np.ndarray, local: np.ndarray,
+                  devices: Sequence[jax.Device] | None = None) -> dict[jax.Device, np.ndarray]:
+  """Each device's block of the global array, cut from `local` (global rows `rows`, as given by
+  batch_rows for the same devices)."""
+  index_map = sharding.devices_indices_map(tuple(global_shape))
+  devices = _local_devices(sharding, global_shape) if devices is None else devices
+  position = {int(r): i for i, r in enumerate(rows)}
+  if len(local) != len(rows):
+    raise ValueError(f'{len(local)} local rows for {len(rows)} row indices')
+  blocks = {}
+  for device in devices:
+    index = index_map[device]
+    span = _row_range(index, global_shape[0])
+    if len(span) and span.start not in position:
+      raise ValueError(f'device {device} holds rows {span}, which are not among `rows`')
+    start = position.get(span.start, 0)  # a device's rows are contiguous, and so are they here
+    blocks[device] = local[start:start + len(span)][(slice(None), *index[1:])]
+  return blocks
+
+
+def assemble_batch(sharding: jax.sharding.Sharding, global_shape: Sequence[int],
+                   rows: np.ndarray, local: np.ndarray) -> jax.Array:
+  """The global array whose row r is plan row r, from this process's `local` rows `rows`."""
+  blocks = device_blocks(sharding, global_shape, rows, local)
+  return jax.make_array_from_single_device_arrays(
+      tuple(global_shape), sharding, [jax.device_put(b, d) for d, b in blocks.items()])

@@ -9,7 +9,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from groupdiff_jax import checkpoint, flops, generate, image_grid, progress, sharding, train_step
+from groupdiff_jax import (checkpoint, flops, generate, image_grid, multihost, progress, sharding,
+                           train_step)
 from groupdiff_jax import layout as batch_layout
 from groupdiff_jax.data import pipeline
 from groupdiff_jax.metrics_writer import MetricsWriter
@@ -66,6 +67,7 @@ def check_same_model(ckpt: checkpoint.Checkpointer, config: ml_collections.Confi
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+  multihost.check_processes(config)  # same config and code everywhere, before anything is written
   prepare_workdir(workdir)
   is_main = jax.process_index() == 0
 
@@ -74,6 +76,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trainer = train_step.build(config, mesh)
   layout = trainer.layout
   split, split_warning = batch_layout.describe_split(layout, config.group.uncond_fraction)
+  progress.say(multihost.describe_process(mesh))  # every process: where its devices sit
   progress.say(f'mesh {dict(mesh.shape)} | model {config.model.name} | batch: {split}')
   if split_warning:
     progress.say(split_warning)
@@ -87,11 +90,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    f'count that is a multiple of {shards} keeps every group on one device')
 
   # --- data -------------------------------------------------------------------------------
-  data = pipeline.make_train_data(config, layout, workdir=workdir,
-                                  process_index=jax.process_index(),
-                                  process_count=jax.process_count())
-  progress.say(data.summary())  # epoch 0's grouping statistics
+  # This process reads exactly the plan rows its devices hold (any mesh, any process layout).
   model_shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
+  rows = sharding.batch_rows(trainer.batch_shardings['image'], (layout.global_batch, *model_shape))
+  data = pipeline.make_train_data(config, layout, workdir=workdir, rows=rows)
+  progress.say(data.summary())  # epoch 0's grouping statistics
   if tuple(data.image_shape) != model_shape:
     raise ValueError(f'data source {config.data.source!r} gives images {tuple(data.image_shape)} '
                      f'but the model expects {model_shape} (model.input_size/in_channels)')
@@ -161,9 +164,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step, metrics = start_step, None
   try:
     while step < config.total_steps:
-      batch = next(data)
-      batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
-               for k, v in batch.items()}
+      batch = {k: sharding.assemble_batch(trainer.batch_shardings[k],
+                                          (layout.global_batch, *v.shape[1:]), rows, v)
+               for k, v in next(data).items()}
       state, metrics = step_fn(state, batch)
       step += 1
       done = step == config.total_steps

@@ -78,9 +78,10 @@ def test_unknown_source_error():
     sources.make_source(_config('nope'))
 
 
-def test_process_count_must_divide_batch():
-  with pytest.raises(ValueError, match='process_count 3 does not divide the global batch 32'):
-    _make(_config(), process_index=0, process_count=3)
+@pytest.mark.parametrize('rows', [[], [3, 2], [0, 32], [[0, 1]]])
+def test_rows_must_be_increasing_rows_of_the_batch(rows):
+  with pytest.raises(ValueError, match=r'rows must be increasing row indices in \[0, 32\)'):
+    _make(_config(), rows=rows)
 
 
 def test_batch_layout_and_groups(workdir):
@@ -156,16 +157,22 @@ def test_replanned_epoch_zero_is_identical():
   np.testing.assert_array_equal(data.global_ids(0), first)
 
 
-@pytest.mark.parametrize('count', [2, 4])
-def test_process_slices_concatenate_to_global_batch(count):
-  config = _config('synthetic')
-  full = _take(_make(config), 2)
-  parts = [_take(_make(config, process_index=p, process_count=count), 2) for p in range(count)]
+@pytest.mark.parametrize('source', ['synthetic', 'digits'])
+def test_any_row_subsets_read_the_planned_rows(source, workdir):
+  # Processes read the (possibly non-contiguous) rows their devices hold: together they give
+  # the single-process batch, row for row, whichever rows each one holds.
+  config = _config(source)
+  full = _take(_make(config, workdir), 2)
+  perm = np.random.default_rng(0).permutation(32)
+  subsets = [np.sort(perm[:8]), np.sort(perm[8:20]), np.sort(perm[20:])]
+  parts = [_take(_make(config, workdir, rows=rows), 2) for rows in subsets]
   for step in range(2):
     for key in ('image', 'label'):
-      np.testing.assert_array_equal(
-          np.concatenate([parts[p][step][key] for p in range(count)]), full[step][key])
-  assert parts[0][0]['image'].shape[0] == 32 // count
+      merged = np.zeros_like(full[step][key])
+      for rows, part in zip(subsets, parts):
+        assert part[step][key].shape[0] == len(rows)
+        merged[rows] = part[step][key]
+      np.testing.assert_array_equal(merged, full[step][key])
 
 
 def _digits_neighbors(workdir):

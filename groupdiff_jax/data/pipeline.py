@@ -3,15 +3,17 @@
 Global step s of the infinite stream belongs to epoch e = s // steps_per_epoch; the epoch's plan
 (grouping.plan_epoch, seeded with (config.seed, e)) gives the global batch's image ids in layout
 order: conditional groups, then unconditional groups, members contiguous. Every process
-computes the same cheap plan and reads only its contiguous slice
-[p * B / P, (p + 1) * B / P) of each global batch.
+computes the same cheap plan and reads only `rows`: the plan rows its own devices hold in the
+global batch (sharding.batch_rows), in increasing order and not necessarily contiguous, since a
+topology-ordered mesh may place a process's devices anywhere along the batch axis.
 
 Grain sees a flat infinite MapDataset of per-process elements, k -> (step k // B_local, slot
-k % B_local), batched by B_local; so its iterator state is just the next step index, and
+k % B_local) with B_local = len(rows), batched by B_local; so its iterator state is just the next step index, and
 get_state()/set_state() restore the exact next batch (also across epoch boundaries, since the
 plans are a pure function of (seed, epoch)).
 """
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -79,18 +81,17 @@ class _Planner:
 
 
 class _ReadElement:
-  """Flat element index -> one image of this process's slice of the global batch."""
+  """Flat element index -> one image of this process's rows of the global batch."""
 
-  def __init__(self, source: sources.DataSource, planner: _Planner, offset: int,
-               local_batch: int):
+  def __init__(self, source: sources.DataSource, planner: _Planner, rows: np.ndarray):
     self._source, self._planner = source, planner
-    self._offset, self._local_batch = offset, local_batch
+    self._rows, self._local_batch = rows, len(rows)
     read = getattr(source, 'read', None)  # a per-step draw where the source has one
     self._read = read if read is not None else lambda image_id, step: source[image_id]
 
   def __call__(self, index: int, _: Any) -> dict[str, np.ndarray]:
     step, slot = divmod(int(index), self._local_batch)
-    image_id = int(self._planner.global_ids(step)[self._offset + slot])
+    image_id = int(self._planner.global_ids(step)[self._rows[slot]])
     image, label = self._read(image_id, step)
     return {'image': np.asarray(image, np.float32), 'label': np.int32(label)}
 
@@ -98,13 +99,11 @@ class _ReadElement:
 class _ReadBatch:
   """Step index -> this process's whole batch, for sources with a vectorised `read_batch`."""
 
-  def __init__(self, source: sources.DataSource, planner: _Planner, offset: int,
-               local_batch: int):
-    self._source, self._planner = source, planner
-    self._offset, self._local_batch = offset, local_batch
+  def __init__(self, source: sources.DataSource, planner: _Planner, rows: np.ndarray):
+    self._source, self._planner, self._rows = source, planner, rows
 
   def __call__(self, step: int, _: Any) -> dict[str, np.ndarray]:
-    ids = self._planner.global_ids(int(step))[self._offset:self._offset + self._local_batch]
+    ids = self._planner.global_ids(int(step))[self._rows]
     images, labels = self._source.read_batch(ids, int(step))
     return {'image': np.asarray(images, np.float32), 'label': np.asarray(labels, np.int32)}
 
@@ -116,19 +115,17 @@ class TrainData:
   """
 
   def __init__(self, source: sources.DataSource, layout: BatchLayout, planner: _Planner, *,
-               source_name: str, seed: int, process_index: int, process_count: int,
-               read_options: grain.ReadOptions):
+               source_name: str, seed: int, rows: np.ndarray, read_options: grain.ReadOptions):
     self.source, self.layout, self._planner = source, layout, planner
-    self.process_index, self.process_count = process_index, process_count
-    self.local_batch = layout.global_batch // process_count
-    offset = process_index * self.local_batch
+    self.rows = rows
+    self.local_batch = len(rows)
     if hasattr(source, 'read_batch'):  # one element per step, read in one vectorised call
       self.dataset = (grain.MapDataset.range(1).repeat()
-                      .map_with_index(_ReadBatch(source, planner, offset, self.local_batch)))
+                      .map_with_index(_ReadBatch(source, planner, rows)))
     else:
       # range(B_local).repeat() is infinite and passes the global element index to the map.
       self.dataset = (grain.MapDataset.range(self.local_batch).repeat()
-                      .map_with_index(_ReadElement(source, planner, offset, self.local_batch))
+                      .map_with_index(_ReadElement(source, planner, rows))
                       .batch(self.local_batch, drop_remainder=True))
     # Either way the iterator's index is the step: get_state()/set_state() mean the same.
     self._read_options = read_options
@@ -195,14 +192,14 @@ class TrainData:
 
 
 def make_train_data(config: ml_collections.ConfigDict, layout: BatchLayout, *,
-                    workdir: str | None = None, process_index: int = 0,
-                    process_count: int = 1) -> TrainData:
-  """The training stream of process `process_index` of `process_count` (see module docstring)."""
-  if process_count < 1 or layout.global_batch % process_count:
-    raise ValueError(f'process_count {process_count} does not divide the global batch '
-                     f'{layout.global_batch}')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+                    workdir: str | None = None, rows: Sequence[int] | None = None) -> TrainData:
+  """The training stream of one process: plan rows `rows` of every global batch (default: all
+  of them), e.g. sharding.batch_rows of the batch sharding (see module docstring)."""
+  rows = np.arange(layout.global_batch) if rows is None else np.asarray(rows, np.int64)
+  if (rows.ndim != 1 or not len(rows) or np.any(np.diff(rows) <= 0) or rows[0] < 0
+      or rows[-1] >= layout.global_batch):
+    raise ValueError(f'rows must be increasing row indices in [0, {layout.global_batch}), '
+                     f'got {rows.tolist()}')
   source = sources.make_source(config, workdir)
   planner = _Planner(source, layout, mode=config.group.neighbors,
                      threshold=config.group.threshold, seed=config.seed)
@@ -210,5 +207,4 @@ def make_train_data(config: ml_collections.ConfigDict, layout: BatchLayout, *,
       num_threads=config.data.num_threads,
       prefetch_buffer_size=config.data.get('prefetch_batches', DEFAULT_PREFETCH_BATCHES))
   return TrainData(source, layout, planner, source_name=config.data.source, seed=config.seed,
-                   process_index=process_index, process_count=process_count,
-                   read_options=read_options)
+                   rows=rows, read_options=read_options)
