@@ -65,6 +65,7 @@ def _ema(workdir):
   return jax.tree.map(np.asarray, ema)
 
 
+@pytest.mark.slow  # ~2 min on 2 shared cores (110 s of CPU time); the test below is the quick one
 def test_two_processes_train_like_one(tmp_path):
   one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
   procs = _distributed(two)
