@@ -36,16 +36,21 @@ def _start(workdir, devices, extra=()):
                           stderr=subprocess.PIPE, text=True)
 
 
-def _finish(procs):
-  """Waits for all, within TIMEOUT_S in all; kills every process still running on any failure."""
+def _wait(procs):
+  """(stdout, stderr) of each, within TIMEOUT_S each; on any failure (a timeout, a hang after a
+  peer died) every process still running is killed."""
   try:
-    outs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    return [p.communicate(timeout=TIMEOUT_S) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  for p, (out, err) in zip(procs, outs):
+
+
+def _finish(procs):
+  outs = _wait(procs)
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   return [out for out, _ in outs]
 
@@ -93,14 +98,7 @@ def test_two_processes_train_like_one(tmp_path):
 def test_processes_with_different_configs_stop_before_any_step(tmp_path):
   workdir = str(tmp_path / 'run')
   procs = _distributed(workdir, lambda i: ('--config.optim.lr=0.5',) if i == 1 else ())
-  try:
-    results = [p.communicate(timeout=TIMEOUT_S) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, (out, err) in zip(procs, results):
+  for p, (out, err) in zip(procs, _wait(procs)):
     assert p.returncode == 2, err[-3000:]
     assert err.strip().splitlines()[-1].startswith(
         'groupdiff_jax: error: process(es) 1 run a different config than process 0 ')
