@@ -37,7 +37,7 @@ def main(argv):
   if FLAGS.distributed:
     # CPU processes need a cross-process collectives backend (gloo is jax 0.10's default; say
     # so explicitly in case a version defaults to none). GPU and TPU ignore this setting.
-    if jax.config.jax_cpu_collectives_implementation in (None, 'none'):
+    if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   from groupdiff_jax import train  # pylint: disable=import-outside-toplevel
