@@ -1,6 +1,8 @@
-"""Two local CPU processes x 4 devices (jax.distributed, gloo collectives) train exactly like one
-process x 8 devices: the same loss at every step and the same EMA parameters at the end."""
+"""Two local CPU processes x 4 devices (jax.distributed, gloo collectives) train like one process
+x 8 devices: the same loss at every step and the same EMA parameters at the end, up to float
+summation order; processes with different configs stop before any step."""
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -12,8 +14,14 @@ import pytest
 from conftest import ROOT, tiny_config
 from groupdiff_jax import checkpoint, sharding, train, train_step
 
-# tiny_config() as command-line overrides of configs/common.py.
-TINY = {'model.name': 'SiT-d2h32n2/2', 'model.input_size': 8, 'model.num_classes': 10,
+# Batch rows over ('fsdp', 'data') of a (2, 4, 1) mesh: the 4 devices of one process (a 'data'
+# row of the mesh) hold every other block of the batch, not a contiguous half; a pipeline that
+# read rows by process index would scramble the conditional/unconditional split here.
+MESH = {'mesh.shape': (2, 4, 1),
+        'mesh.rules': (('batch', ('fsdp', 'data')), ('tokens', 'context'), ('embed', 'fsdp'),
+                       ('mlp', None), ('heads', None), ('layers', None), ('vocab', None))}
+# tiny_config() with MESH, as command-line overrides of configs/common.py.
+TINY = {**MESH, 'model.name': 'SiT-d2h32n2/2', 'model.input_size': 8, 'model.num_classes': 10,
         'model.dtype': 'float32', 'data.source': 'synthetic', 'data.global_batch': 16,
         'data.synthetic_size': 512, 'group.uncond_size': 4, 'group.uncond_fraction': 0.25,
         'optim.lr': 1e-3, 'optim.ema_decay': 0.9, 'total_steps': 4, 'log_every_steps': 1,
@@ -63,7 +71,7 @@ def _distributed(workdir, extra_of=lambda i: ()):
 
 
 def _ema(workdir):
-  config = tiny_config()
+  config = tiny_config(**MESH)
   trainer = train_step.build(config, sharding.mesh_from_config(config))
   _, ema, _ = checkpoint.load_weights(workdir, params=trainer.abstract_state['params'],
                                       shardings=trainer.state_shardings['params'])
@@ -81,6 +89,16 @@ def test_two_processes_train_like_one(tmp_path):
   for i in range(2):
     assert f'process {i}/2: 4 local cpu devices; mesh (data,fsdp,context) positions ' in outs[i]
   assert 'process 0/1: 8 local cpu devices' in outs[2]
+  assert all("mesh {'data': 2, 'fsdp': 4, 'context': 1} |" in out for out in outs)
+  # The rows process 0 read: those of the mesh positions it reported, not rows 0-7.
+  config = tiny_config(**MESH)
+  mesh = sharding.mesh_from_config(config)
+  positions = re.findall(r'\d+@\((\d+),(\d+),(\d+)\)', outs[0].split('process 0/2: ')[1].split('\n')[0])
+  assert len(positions) == 4
+  image = sharding.batch_sharding(mesh, config.mesh.rules, 4)
+  rows = sharding.batch_rows(image, (16, 8, 8, 4),
+                             [mesh.devices[tuple(map(int, p))] for p in positions])
+  assert len(rows) == 8 and not np.array_equal(rows, np.arange(8))
 
   # Equal up to float summation order: gloo's cross-process all-reduce adds the 8 devices'
   # partial sums in another order than the in-process one (last-bit differences, seen: 1 ulp).
