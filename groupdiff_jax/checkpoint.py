@@ -164,10 +164,15 @@ def _path_key(path: tuple) -> str:
   return '/'.join(parts)
 
 
+METADATA_FILES = {'_METADATA', '_CHECKPOINT_METADATA'}
+
+
 def misfit(item_dir: str, target: Any) -> str | None:
   """Names the first array whose stored shape differs from `target`'s, read from the item's
-  metadata. Checked before restoring: a restore that fails inside Orbax's asynchronous reads
+  metadata (or an item whose array data is missing). Checked before restoring: a restore that fails inside Orbax's asynchronous reads
   leaves un-awaited futures behind (warnings at exit) and says less."""
+  if os.path.isdir(item_dir) and not set(os.listdir(item_dir)) - METADATA_FILES:
+    return f'{os.path.basename(item_dir)}/ has metadata but no array data (an interrupted write)'
   handler = ocp.StandardCheckpointHandler()
   try:
     stored = handler.metadata(epath.Path(item_dir))
