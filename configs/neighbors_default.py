@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.scann = ml_collections.ConfigDict()
   c.scann.num_leaves = config_dict.placeholder(int)            # ~1.5 sqrt(n)
-  c.scann.leaves_to_search = config_dict.placeholder(int)      # ~0.65% of the leaves, >= 8
+  c.scann.leaves_to_search = config_dict.placeholder(int)      # ~1.6% of the leaves, >= 24
   c.scann.training_sample_size = config_dict.placeholder(int)  # built on these, rest upserted
   c.scann.training_iterations = config_dict.placeholder(int)
   c.scann.min_partition_size = config_dict.placeholder(int)    # 1 (> 1 breaks reproducibility)

@@ -6,7 +6,7 @@ ImageNet size and width 1024 the whole neighbours run peaks at 10.9 GiB this way
 holds ours, ScaNN's and its build transient at once and peaked at 16.3 GiB (BENCHMARKS.md).
 
 Parameters follow ScaNN's rules of thumb (docs/algorithms.md), derived from n and tuned on
-clustered 1024-d data (BENCHMARKS.md, "Neighbour index (issue 4)"); every one can be overridden by
+realistic 1024-d synthetic data (BENCHMARKS.md, "Neighbour index"); every one can be overridden by
 a config key of the same name. scann is imported lazily: it is a Linux-only wheel and only this
 backend needs it.
 """
@@ -35,10 +35,12 @@ def derive_params(n: int, k: int, overrides: dict[str, Any] | None = None) -> di
   leaves = max(2, min(n // 20, round(1.5 * math.sqrt(n))))
   params = {
       'num_leaves': leaves,
-      # ~0.65% of the leaves, at least 8 (11 at ImageNet size). On the clustered benchmark
-      # recall@16 is 1.0 from 6 leaves on; real embeddings may need more, which the recall
-      # check printed after every run shows.
-      'leaves_to_search': max(8, round(leaves / 150)),
+      # ~1.6% of the leaves, at least 24 (27 at ImageNet size). Embeddings shaped like real ones
+      # (synthetic.py 'realistic': overlapping Zipf-sized classes) need ~20-24 leaves for
+      # recall@100 >= 0.95 at 128k and at 400k rows, where the well-separated clustered data was
+      # at 1.0 from 6 on; the old 0.65% (8-11 leaves) gave recall@100 0.90-0.93 (BENCHMARKS.md).
+      # SOAR spilling reached equal recall with fewer leaves but cost more to build than it saved.
+      'leaves_to_search': max(24, round(leaves / 64)),
       # k-means cost is sample x leaves x dim per iteration; 100k samples train ~1k leaves well.
       'training_sample_size': min(n, 100_000),
       'training_iterations': 6,

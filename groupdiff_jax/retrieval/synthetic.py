@@ -20,7 +20,8 @@ memory is bounded by a shard and the output depends only on the arguments:
   * near-duplicates (a share of images is another image plus a little noise, cosine ~0.98) and
     outliers (images with no class structure, only the shared direction plus noise).
   The default weights give, at any n when num_classes ~ n / 1281 (ImageNet's images per class),
-  a median top-1 cosine of ~0.7 and a median 16th of ~0.57, the range of DINOv2-L on ImageNet.
+  a median top-1 cosine of ~0.7 and a median 16th of ~0.57, as real DINOv2/CLIP features of
+  ImageNet, and ~79% of an image's top 16 in its own class.
 """
 import dataclasses
 from collections.abc import Callable
