@@ -1,6 +1,7 @@
 """Two local CPU processes x 4 devices (jax.distributed, gloo collectives) train like one process
 x 8 devices: the same loss at every step and the same EMA parameters at the end, up to float
-summation order; processes with different configs stop before any step."""
+summation order; processes with different configs stop before any step; two sampling processes split the shards
+and merge to what one process writes."""
 import os
 import re
 import socket
@@ -122,3 +123,43 @@ def test_processes_with_different_configs_stop_before_any_step(tmp_path):
         'groupdiff_jax: error: process(es) 1 run a different config than process 0 ')
     assert 'Traceback' not in err and 'step 1/' not in out
   assert not os.path.exists(os.path.join(workdir, 'ckpt'))
+
+
+# --- the sampling job: each process samples its own shards ------------------------------------
+
+def _sample(workdir, ckpt, devices, extra=()):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  args = [sys.executable, '-m', 'groupdiff_jax.sample', '--config=configs/sample_sit_xl.py',
+          f'--config.ckpt={ckpt}', f'--workdir={workdir}', '--config.num_samples=40',
+          '--config.shard_size=8', '--config.batch_size=4', '--config.precision=float32',
+          '--config.sample.num_steps=4', *extra]
+  return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_two_sampling_processes_write_what_one_writes(tmp_path):
+  """2 processes x 2 devices split the shards (k % 2) and, merged, equal 1 process x 4 devices."""
+  from test_sample import _save_converted  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.models import sit  # pylint: disable=import-outside-toplevel
+  cfg = sit.SiTConfig(depth=2, hidden=32, heads=2, patch=2, input_size=8, in_channels=1,
+                      num_classes=10, max_group_size=4, dtype='float32')
+  ckpt = _save_converted(str(tmp_path / 'ckpt'), cfg, 'SiT-d2h32n2/2',
+                         objective='flow_velocity', ema=True)
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  port = _free_port()
+  procs = [_sample(one, ckpt, 4)] + [
+      _sample(two, ckpt, 2, ('--distributed', f'--coordinator=localhost:{port}',
+                             '--num_processes=2', f'--process_id={i}')) for i in range(2)]
+  outs = _finish(procs)
+  assert '5 shards, 0 already written, 5 to do here' in outs[0]
+  assert '3 to do here' in outs[1] and '2 to do here' in outs[2]  # shards 0, 2, 4 | 1, 3
+  shard_files = sorted(n for n in os.listdir(two) if n.startswith('shard_') and n.endswith('.npz'))
+  assert len(shard_files) == 5  # every index written once, by one of the two processes
+  merge = subprocess.run([sys.executable, '-m', 'groupdiff_jax.sample', 'merge', two], cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
+                         capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  assert merge.returncode == 0, merge.stderr[-3000:]
+  a, b = np.load(os.path.join(one, 'samples.npz')), np.load(os.path.join(two, 'samples.npz'))
+  np.testing.assert_array_equal(a['arr_1'], b['arr_1'])
+  np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
