@@ -1,7 +1,7 @@
 """Two local CPU processes x 4 devices (jax.distributed, gloo collectives) train like one process
 x 8 devices: the same loss at every step and the same EMA parameters at the end, up to float
-summation order; processes with different configs stop before any step; two sampling processes split the shards
-and merge to what one process writes."""
+summation order; processes with different configs stop before any step; two sampling processes
+split the shards and merge to what one process writes."""
 import os
 import re
 import socket
