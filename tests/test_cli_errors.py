@@ -13,6 +13,7 @@ JOBS = {
     'main': ('configs/demo.py', '--workdir'),
     'bench': ('configs/demo.py', None),
     'bench_data': ('configs/sit_xl.py', '--workdir'),
+    'bench_sample': ('configs/sample_sit_xl.py', None),
     'embed': ('configs/embed_dinov2_folder.py', '--workdir'),
     'encode': ('configs/encode_imagenet.py', '--workdir'),
     'neighbors': ('configs/neighbors_default.py', '--workdir'),
@@ -63,7 +64,8 @@ def test_misspelled_config_key_names_the_key_and_suggests(job, tmp_path):
   key, suggestion = {'main': ('optim.lrr', 'optim.lr'), 'bench': ('optim.lrr', 'optim.lr'),
                      'embed': ('batch_sizee', 'batch_size'), 'neighbors': ('kk', 'k'),
                      'encode': ('resolutin', 'resolution'), 'bench_data': ('optim.lrr', 'optim.lr'),
-                     'sample': ('sample.cfg_scal', 'sample.cfg_scale')}[job]
+                     'sample': ('sample.cfg_scal', 'sample.cfg_scale'),
+                     'bench_sample': ('sample.num_step', 'sample.num_steps')}[job]
   proc = run_job(job, *job_args(job, tmp_path, f'--config.{key}=1'))
   assert_one_line(proc, f"--config.{key}: unknown config key '{key}'",
                   f"did you mean '{suggestion}'?")
@@ -91,6 +93,7 @@ def test_missing_config_file(job, tmp_path, with_override):
     ('convert', '--kind=bogus', 'kind'),
     ('bench_neighbors', '--n=abc', 'abc'),
     ('bench_data', '--n=many', 'many'),
+    ('bench_sample', '--batch=big', 'big'),
     ('sample', '--config.num_samples=lots', 'num_samples'),
 ])
 def test_bad_value(job, bad, expected, tmp_path):
