@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (ROOT, compiled_step_cache, load_config, random_dinov2_folder,
-                      random_vae_folder, tiny_config)
+from conftest import (ROOT, apply_overrides, compiled_step_cache, load_config,
+                      random_dinov2_folder, random_vae_folder, tiny_config)
 from groupdiff_jax import cli, embed, neighbors, train
 from groupdiff_jax.data import encoding, latent_store, pipeline
 from groupdiff_jax.layout import layout_from_config
@@ -47,9 +47,7 @@ def _encode_config(vae_dir, images, **kw):
   c = load_config('encode_imagenet')
   c.vae_dir, c.data.kind, c.data.path = str(vae_dir), 'folder', str(images)
   c.resolution, c.batch_size, c.shard_size, c.num_workers = 16, 16, 40, 2
-  for key, value in kw.items():
-    c[key] = value
-  return c
+  return apply_overrides(c, kw)
 
 
 @pytest.fixture(scope='module')

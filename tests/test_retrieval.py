@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, load_config, random_dinov2_folder
+from conftest import ROOT, apply_overrides, load_config, random_dinov2_folder
 from groupdiff_jax import embed, neighbors
 from groupdiff_jax.retrieval import (embedding_store, exact, neighbor_file, scann_index,
                                      synthetic)
@@ -20,9 +20,7 @@ pytest.importorskip('scann', reason='the ScaNN backend needs the scann wheel (Li
 def _nb_config(embeddings, **kw):
   c = load_config('neighbors_default')
   c.embeddings = str(embeddings)
-  for key, value in kw.items():
-    c[key] = value
-  return c
+  return apply_overrides(c, kw)
 
 
 @pytest.fixture(scope='module')
