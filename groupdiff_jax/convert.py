@@ -29,7 +29,7 @@ __all__ = ['KINDS', 'ConversionError', 'convert_state_dict', 'convert_file', 'pa
 DIT_NOTE = (
     'DiT is a DDPM model: eps + learned variance (8 channels) over 1000 integer timesteps, noise '
     'at t=999; the converted backbone is exact for that diffusion. Fine-tune or sample it with '
-    'groupdiff_jax.dit_diffusion (linear betas, eps+VLB loss, respaced ancestral sampling), '
+    'groupdiff_jax.diffusion.ddpm (linear betas, eps+VLB loss, respaced ancestral sampling), '
     'feeding integer t in [0, 999]. Under the flow-matching trainer (t in [0, 1]) it is only an '
     'initialisation: its time embedding was trained on [0, 999] and its output is eps, not a '
     'velocity, so expect a re-adaptation phase rather than the DiT FID.')
@@ -68,7 +68,7 @@ KIND_HINTS = {
     ('groupdiff', True): 'the file has 8 output channels (learned sigma), as GroupDiff-DiT: if it '
                          'is a DiT (DDPM) checkpoint, convert it with --kind=groupdiff_dit',
     ('dit', False): 'the file has no learned-sigma channels, which the DiT DDPM sampler needs; '
-                    'the backbone converts, but dit_diffusion cannot use it',
+                    'the backbone converts, but diffusion.ddpm cannot use it',
 }
 DEFAULT_GROUP_TABLE = 4  # rows of a fresh sample-embedding table (GroupDiff's num_max_sample)
 

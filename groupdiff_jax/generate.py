@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from groupdiff_jax import samplers, sharding
+from groupdiff_jax import sharding
+from groupdiff_jax.diffusion import samplers
 from groupdiff_jax.train_step import Trainer, model_apply
 
 

@@ -12,7 +12,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from groupdiff_jax import sharding, transport
+from groupdiff_jax import sharding
+from groupdiff_jax.diffusion import flow
 from groupdiff_jax.layout import BatchLayout, layout_from_config
 from groupdiff_jax.models import sit
 
@@ -104,9 +105,9 @@ def loss_fn(trainer: Trainer, params: dict, batch: dict, rng: jax.Array, t_sprea
   layout, apply = trainer.layout, model_apply(trainer)
   x, y = batch['image'], batch['label']
   k_time, k_noise, k_cond, k_uncond = jax.random.split(rng, 4)
-  t = transport.batch_times(k_time, layout, t_spread)
+  t = flow.batch_times(k_time, layout, t_spread)
   noise = jax.random.normal(k_noise, x.shape, jnp.float32)
-  x_t = transport.interpolate(x, noise, t)
+  x_t = flow.interpolate(x, noise, t)
   nc, null = layout.num_cond, trainer.model_cfg.num_classes
   if layout.cond_group_size == layout.uncond_group_size:  # one pass when the group sizes agree
     y = jnp.where(jnp.arange(y.shape[0]) < nc, y, null)
@@ -119,7 +120,7 @@ def loss_fn(trainer: Trainer, params: dict, batch: dict, rng: jax.Array, t_sprea
       parts.append(apply(params, x_t[nc:], t[nc:], jnp.full_like(y[nc:], null),
                          layout.uncond_group_size, k_uncond))
     pred = jnp.concatenate(parts)
-  per_image = transport.per_image_mse(pred, transport.velocity_target(x, noise))
+  per_image = flow.per_image_mse(pred, flow.velocity_target(x, noise))
   return per_image.mean(), per_image
 
 

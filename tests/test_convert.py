@@ -23,6 +23,7 @@ import pytest
 
 from groupdiff_jax import convert, convert_io, convert_keys
 from groupdiff_jax.convert_keys import ConversionError
+from groupdiff_jax.diffusion import ddpm
 from groupdiff_jax.models import sit
 
 torch = pytest.importorskip('torch', reason='parity and .pt tests need torch (the test extra)')
@@ -366,7 +367,7 @@ def test_cli_converts_and_reports_flags(tmp_path):
   proc = _cli(f'--src={src}', '--kind=dit', f'--out={out}', f'--heads={HEADS}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '--config.model.name=DiT-d2h32n2/2' in proc.stdout
-  assert 'dit_diffusion' in proc.stdout  # the DDPM note
+  assert 'diffusion.ddpm' in proc.stdout  # the DDPM note
   # stderr carries no Orbax INFO lines (they buried the converter's own notes)
   assert not re.search(r'^(I\d{4} |INFO:)', proc.stderr, re.M), proc.stderr[-2000:]
   model, meta = convert.load_converted(out)
@@ -381,7 +382,6 @@ def test_cli_converts_and_reports_flags(tmp_path):
 
 def test_ddpm_step_matches_diffusers_scheduler():
   diffusers = pytest.importorskip('diffusers', reason='needs diffusers')
-  from groupdiff_jax import dit_diffusion
   sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear',
                                   beta_start=1e-4, beta_end=0.02, variance_type='learned_range',
                                   clip_sample=False, prediction_type='epsilon')
@@ -391,7 +391,7 @@ def test_ddpm_step_matches_diffusers_scheduler():
   sched.alphas = 1.0 - sched.betas
   sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
   sched.one = torch.tensor(1.0, dtype=torch.float64)
-  ddpm = dit_diffusion.DDPM.create()
+  diffusion = ddpm.DDPM.create()
   rng = np.random.default_rng(0)
   for t in (999, 500, 37, 1):
     x = rng.standard_normal((2, 4, 4, CH)).astype(np.float32)
@@ -401,7 +401,7 @@ def test_ddpm_step_matches_diffusers_scheduler():
                         dtype=torch.float64)
     theirs = sched.step(_nchw_t(out).double(), t, _nchw_t(x).double(),
                         generator=torch.Generator().manual_seed(t)).prev_sample
-    ours = ddpm.p_sample(jnp.asarray(out), jnp.asarray(x), jnp.full((2,), t),
+    ours = diffusion.p_sample(jnp.asarray(out), jnp.asarray(x), jnp.full((2,), t),
                          jnp.asarray(noise.numpy().transpose(0, 2, 3, 1)))
     assert rel_err(ours, theirs.numpy().transpose(0, 2, 3, 1)) <= 1e-5, t
 
@@ -411,8 +411,7 @@ def _nchw_t(a):
 
 
 def test_ddpm_respacing_and_loss():
-  from groupdiff_jax import dit_diffusion
-  base, spaced = dit_diffusion.DDPM.create(), dit_diffusion.DDPM.create(respacing='250')
+  base, spaced = ddpm.DDPM.create(), ddpm.DDPM.create(respacing='250')
   assert spaced.num_steps == 250 and spaced.timestep_map[0] == 0 and spaced.timestep_map[-1] == 999
   np.testing.assert_allclose(np.cumprod(1 - spaced.betas),
                              np.cumprod(1 - base.betas)[spaced.timestep_map], rtol=1e-12)
@@ -433,20 +432,19 @@ def test_ddpm_respacing_and_loss():
 
 
 def test_converted_dit_samples_with_ddpm(tmp_path):
-  from groupdiff_jax import dit_diffusion
   src, out = str(tmp_path / 'dit.pt'), str(tmp_path / 'ckpt')
   _save(src, {k: v if k == 'pos_embed' else v * 0.05  # tame the random outputs
               for k, v in _official(learn_sigma=True).items()})
   convert.convert_file(src, 'dit', out, heads=HEADS, max_group_size=0, verbose=False)
   model, meta = convert.load_converted(out)
   assert meta['objective'] == 'ddpm_eps_learned_variance'
-  sampler = dit_diffusion.DDPM.create(respacing='4')
+  sampler = ddpm.DDPM.create(respacing='4')
   y = jnp.array([1, 2])
   noise = jax.random.normal(jax.random.key(0), (2, SIDE, SIDE, CH))
 
   def model_fn(x, t):
     cond, uncond = model(x, t, y), model(x, t, jnp.full_like(y, 1000))
-    return dit_diffusion.guided_output(cond, uncond, 1.5, CH)
+    return ddpm.guided_output(cond, uncond, 1.5, CH)
 
   x0 = jax.jit(lambda n, k: sampler.sample(model_fn, n, k))(noise, jax.random.key(1))
   assert x0.shape == (2, SIDE, SIDE, CH) and bool(jnp.isfinite(x0).all())

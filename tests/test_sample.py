@@ -161,9 +161,9 @@ def test_ddpm_of_a_dit_checkpoint_is_device_independent(tmp_path):
 
 
 def test_per_image_keys_make_the_flow_samplers_batch_independent():
-  """samplers.py with one typed key per image: an image's trajectory (noise of every SDE step,
-  the keys the model sees) does not depend on the other images of its batch."""
-  from groupdiff_jax import samplers
+  """diffusion/samplers.py with one typed key per image: an image's trajectory (noise of every
+  SDE step, the keys the model sees) does not depend on the other images of its batch."""
+  from groupdiff_jax.diffusion import samplers
 
   def velocity(x, t, y, group_size, keys):  # uses its per-image keys like the model's ids do
     draw = jax.vmap(lambda k: jax.random.uniform(k))(keys)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from groupdiff_jax import samplers
+from groupdiff_jax.diffusion import samplers
 
 NULL = 1000
 

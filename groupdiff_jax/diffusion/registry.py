@@ -1,8 +1,8 @@
 """Samplers by name, one registry for every kind of checkpoint the sampling job reads.
 
-  SAMPLERS['sde' | 'euler' | 'heun']  flow models (velocity, noise at t = 1): groupdiff_jax.samplers
+  SAMPLERS['sde' | 'euler' | 'heun']  flow models (velocity, noise at t = 1): diffusion/samplers.py
   SAMPLERS['ddpm']                    DiT-family DDPM checkpoints (eps + learned variance):
-                                      ancestral sampling on a respaced grid, groupdiff_jax.dit_diffusion
+                                      ancestral sampling on a respaced grid, diffusion/ddpm.py
 
 Each entry runs a whole sampling trajectory for one batch:
   run(model_fn, noise [B,H,W,C], labels [B], keys [B], settings) -> x_0 float32 [B,H,W,C]
@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from groupdiff_jax import dit_diffusion, samplers
+from groupdiff_jax.diffusion import ddpm, samplers
 
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array, int, jax.Array], jax.Array]
 
@@ -60,30 +60,29 @@ def _flow(name: str) -> Callable[..., jax.Array]:
 def _ddpm(model_fn: ModelFn, noise, labels, keys, s: Settings) -> jax.Array:
   """DiT's ancestral sampler on `num_steps` respaced steps, CFG on eps inside the interval
   (in t/1000 with 1 = noise, as GroupDiff-DiT), variance and unguided channels from cond."""
-  ddpm = dit_diffusion.DDPM.create(respacing=str(s.num_steps))
+  diffusion = ddpm.DDPM.create(respacing=str(s.num_steps))
   n, channels = noise.shape[0], noise.shape[-1]
   null = jnp.full_like(labels, s.null_label)
 
   def step(x, inputs):
     i, key = inputs
     t = jnp.full((n,), i, jnp.int32)
-    t_model = jnp.full((n,), ddpm.model_t(i), jnp.float32)
+    t_model = jnp.full((n,), diffusion.model_t(i), jnp.float32)
     key_c, key_u, key_z = samplers.split_keys(key, 3)
     out = model_fn(x, t_model, labels, s.cond_group_size, key_c).astype(jnp.float32)
     if s.cfg_scale != 1.0:
       def guided(cond):
         uncond = model_fn(x, t_model, null, s.uncond_group_size, key_u).astype(jnp.float32)
-        return dit_diffusion.guided_output(cond, uncond, s.cfg_scale, channels,
-                                           s.guided_channels)
+        return ddpm.guided_output(cond, uncond, s.cfg_scale, channels, s.guided_channels)
       frac = t_model[0] / 1000.0
       inside = (frac >= s.guidance_low) & (frac <= s.guidance_high)
       out = jax.lax.cond(inside, guided, lambda c: c, out)
     z = samplers.normal_noise(key_z, x.shape, x.dtype)
-    return ddpm.p_sample(out, x, t, z), None
+    return diffusion.p_sample(out, x, t, z), None
 
-  steps = jnp.arange(ddpm.num_steps - 1, -1, -1)
+  steps = jnp.arange(diffusion.num_steps - 1, -1, -1)
   x, _ = jax.lax.scan(step, noise.astype(jnp.float32),
-                      (steps, samplers.split_keys(keys, ddpm.num_steps)))
+                      (steps, samplers.split_keys(keys, diffusion.num_steps)))
   return x
 
 

@@ -30,8 +30,8 @@ def eval_times(sampler: str, num_steps: int, last_step_size: float = 0.04) -> np
   if sampler == 'heun':  # predictor on every step, corrector on all but the last
     return np.concatenate([grid[:-1], grid[1:-1]])
   if sampler == 'ddpm':
-    from groupdiff_jax import dit_diffusion  # pylint: disable=import-outside-toplevel
-    return dit_diffusion.DDPM.create(respacing=str(num_steps)).timestep_map / 1000.0
+    from groupdiff_jax.diffusion import ddpm  # pylint: disable=import-outside-toplevel
+    return ddpm.DDPM.create(respacing=str(num_steps)).timestep_map / 1000.0
   raise ValueError(f'unknown sampler {sampler!r}')
 
 

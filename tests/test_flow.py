@@ -4,30 +4,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from groupdiff_jax import flops, layout, transport
+from groupdiff_jax import flops, layout
+from groupdiff_jax.diffusion import flow
 from groupdiff_jax.models import sit
 
 
 def test_interpolant_has_noise_at_t1_and_velocity_target():
   x = jnp.full((2, 2, 2, 1), 3.0)
   eps = jnp.full((2, 2, 2, 1), -1.0)
-  xt = transport.interpolate(x, eps, jnp.array([0.0, 1.0]))
+  xt = flow.interpolate(x, eps, jnp.array([0.0, 1.0]))
   np.testing.assert_array_equal(xt[0], x[0])      # t = 0: data
   np.testing.assert_array_equal(xt[1], eps[1])    # t = 1: noise
   # d/dt of (1-t) x + t eps is eps - x.
   h = 1e-3
   t = jnp.array([0.3, 0.3])
-  fd = (transport.interpolate(x, eps, t + h) - transport.interpolate(x, eps, t - h)) / (2 * h)
-  np.testing.assert_allclose(fd, transport.velocity_target(x, eps), rtol=1e-3)
+  fd = (flow.interpolate(x, eps, t + h) - flow.interpolate(x, eps, t - h)) / (2 * h)
+  np.testing.assert_allclose(fd, flow.velocity_target(x, eps), rtol=1e-3)
 
 
 def test_per_image_mse_ignores_sigma_channels():
   pred = jnp.concatenate([jnp.ones((3, 2, 2, 4)), 100 * jnp.ones((3, 2, 2, 4))], -1)
-  np.testing.assert_allclose(transport.per_image_mse(pred, jnp.zeros((3, 2, 2, 4))), 1.0)
+  np.testing.assert_allclose(flow.per_image_mse(pred, jnp.zeros((3, 2, 2, 4))), 1.0)
 
 
 def test_group_times_share_a_base_without_spread():
-  t = np.asarray(transport.group_times(jax.random.PRNGKey(0), 4000, 4, 0.0)).reshape(-1, 4)
+  t = np.asarray(flow.group_times(jax.random.PRNGKey(0), 4000, 4, 0.0)).reshape(-1, 4)
   assert np.all(t == t[:, :1])
   assert 0 <= t.min() and t.max() < 1
   assert abs(t[:, 0].mean() - 0.5) < 0.03  # U[0, 1)
@@ -35,7 +36,7 @@ def test_group_times_share_a_base_without_spread():
 
 def test_group_times_spread_within_delta():
   delta = 0.1
-  t = np.asarray(transport.group_times(jax.random.PRNGKey(1), 4000, 4, delta)).reshape(-1, 4)
+  t = np.asarray(flow.group_times(jax.random.PRNGKey(1), 4000, 4, delta)).reshape(-1, 4)
   assert np.all(t.max(1) - t.min(1) <= 2 * delta + 1e-6)
   assert np.mean(t.max(1) - t.min(1)) > 0.05       # members really differ
   assert not np.any(np.all(t == t[:, :1], axis=1))  # the first member is not pinned
@@ -44,7 +45,7 @@ def test_group_times_spread_within_delta():
 
 def test_batch_times_follow_the_layout():
   lay = layout.make_layout(32, 1, 4, 0.25)
-  t = np.asarray(transport.batch_times(jax.random.PRNGKey(2), lay, 0.0))
+  t = np.asarray(flow.batch_times(jax.random.PRNGKey(2), lay, 0.0))
   assert t.shape == (32,)
   assert len(set(t[:lay.num_cond].tolist())) == lay.num_cond          # singles: all distinct
   groups = t[lay.num_cond:].reshape(-1, 4)
