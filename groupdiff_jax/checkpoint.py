@@ -58,11 +58,18 @@ class Checkpointer:
 
   # --- preemption ---------------------------------------------------------------------------
   def install_sigterm_handler(self) -> None:
-    """On SIGTERM (preemption) remember it; the loop saves at the next step and exits."""
-    if threading.current_thread() is threading.main_thread():
+    """On SIGTERM (preemption) remember it; the loop saves at the next step and exits.
+
+    With several processes SIGTERM stays with JAX's preemption service (jax.distributed installs
+    its notifier): it tells every process, and `preempted` then turns true at the same step on
+    all of them. A flag that only the signalled process saw would make it save alone, and
+    Orbax's save is a collective: the others would never join it.
+    """
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       signal.signal(signal.SIGTERM, lambda *_: self._terminate.set())
 
   def preempted(self, step: int) -> bool:
+    """True at the step to save and stop at; call it after every step, on every process."""
     return self._terminate.is_set() or self.manager.reached_preemption(step)
 
   # --- save ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ summation order; processes with different configs stop before any step; two samp
 split the shards and merge to what one process writes."""
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -71,12 +72,25 @@ def _distributed(workdir, extra_of=lambda i: ()):
           for i in range(2)]
 
 
-def _ema(workdir):
-  config = tiny_config(**MESH)
+def _weights(workdir, **overrides):
+  """(raw parameters, EMA parameters) of a run's newest checkpoint, as numpy trees."""
+  config = tiny_config(**MESH, **overrides)
   trainer = train_step.build(config, sharding.mesh_from_config(config))
-  _, ema, _ = checkpoint.load_weights(workdir, params=trainer.abstract_state['params'],
-                                      shardings=trainer.state_shardings['params'])
-  return jax.tree.map(np.asarray, ema)
+  params, ema, _ = checkpoint.load_weights(workdir, params=trainer.abstract_state['params'],
+                                           shardings=trainer.state_shardings['params'])
+  return jax.tree.map(np.asarray, params), jax.tree.map(np.asarray, ema)
+
+
+def _ema(workdir):
+  return _weights(workdir)[1]
+
+
+def _assert_close_trees(a, b):
+  """Equal up to float summation order: gloo's cross-process all-reduce adds the 8 devices'
+  partial sums in another order than the in-process one (last-bit differences, seen: 1 ulp)."""
+  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b))
+  print('max |difference|:', max(diffs))
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
 @pytest.mark.slow  # ~2 min on 2 shared cores (110 s of CPU time); the test below is the quick one
@@ -107,11 +121,78 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(losses_one) == 4 and len(set(losses_one.tolist())) == 4
   np.testing.assert_allclose(losses_two, losses_one, rtol=1e-6, atol=0)
   assert train.steps_done(two) == train.steps_done(one) == [2, 4]
-  ema_two, ema_one = _ema(two), _ema(one)
-  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), ema_two, ema_one))
-  print('max |EMA difference|:', max(diffs), '| losses', losses_two - losses_one)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               ema_two, ema_one)
+  print('losses two - one:', losses_two - losses_one)
+  _assert_close_trees(_ema(two), _ema(one))
+
+
+# GroupDiff-f (conditional groups of 4 like the unconditional ones) on the digits (8x8x1).
+DIGITS_F = {'data.source': 'digits', 'data.image_size': 8, 'model.in_channels': 1,
+            'group.cond_size': 4, 'group.uncond_size': 4}
+
+
+def _flags(overrides):
+  return tuple(f'--config.{k}={v}' for k, v in overrides.items())
+
+
+def _wait_for(proc, text):
+  """Reads proc's stdout up to a line containing `text` (the rest stays for communicate)."""
+  for line in proc.stdout:
+    if text in line:
+      return
+  raise AssertionError(f'the process ended without printing {text!r}: '
+                       f'{proc.communicate(timeout=TIMEOUT_S)[1][-3000:]}')
+
+
+@pytest.mark.slow  # ~4 min on 2 shared cores: four runs one after the other (8 processes)
+def test_preempted_processes_save_one_step_and_resume_exactly_on_one_or_two(tmp_path):
+  """Digits GroupDiff-f. SIGTERM to process 1 alone: both processes save the same step and exit.
+  The run then resumes on 1 process (a checkpoint saved by 2), on 2 (saved by 1) and on 2 again
+  (saved by 2); its losses, step by step, and its final parameters equal those of one
+  uninterrupted single-process run."""
+  run, ref = str(tmp_path / 'run'), str(tmp_path / 'ref')
+  quiet = {**DIGITS_F, 'sample.write_grid': False}
+  procs = _distributed(run, lambda i: _flags({**quiet, 'total_steps': 1000,
+                                              'ckpt_every_steps': 1000}))
+  _wait_for(procs[1], 'compiled the train step')
+  procs[1].send_signal(signal.SIGTERM)
+  outs = _finish(procs)
+  saved = [int(re.search(r'preemption signal: saved step (\d+), exiting', out).group(1))
+           for out in outs]
+  s = saved[0]
+  assert saved == [s, s] and 0 < s < 1000, saved  # one agreed step, saved by both
+  assert train.steps_done(run) == [s]
+
+  # Resume on 1 process x 8 devices; the uninterrupted reference runs alongside.
+  _finish([_start(run, 8, _flags({**quiet, 'total_steps': s + 2})),
+           _start(ref, 8, _flags({**quiet, 'total_steps': s + 6}))])
+  for end in (s + 4, s + 6):  # then on 2 processes, twice
+    outs = _finish(_distributed(run, lambda i, end=end: _flags({**quiet, 'total_steps': end})))
+    assert f'resumed from step {end - 2} ' in outs[0] and f'resumed from step {end - 2} ' in outs[1]
+  assert train.steps_done(run)[-1] == train.steps_done(ref)[-1] == s + 6
+
+  losses_run, losses_ref = train.final_losses(run), train.final_losses(ref)
+  assert len(losses_run) == len(losses_ref) == s + 6  # every step logged once
+  print('losses run - ref:', losses_run - losses_ref)
+  np.testing.assert_allclose(losses_run, losses_ref, rtol=1e-6, atol=0)
+  _assert_close_trees(_weights(run, **DIGITS_F), _weights(ref, **DIGITS_F))
+
+
+def test_global_batch_is_the_plan_in_layout_order_across_processes(tmp_path):
+  """2 processes x 4 devices, a permuted device order, digits GroupDiff-f: the assembled global
+  batch, gathered from both processes, is the planned ids in layout order
+  (tests/multiprocess_batches.py asserts it in each process)."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'multiprocess_batches.py'),
+                             str(i), '2', str(port), str(tmp_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  outs = _finish(procs)
+  rows = [np.array(re.search(r'rows: ([\d ]+)', out).group(1).split(), int) for out in outs]
+  assert all('checked 3 batches' in out for out in outs)
+  assert sorted(np.concatenate(rows).tolist()) == list(range(16))
+  assert not np.array_equal(rows[0], np.arange(8))  # the mesh scatters each process's rows
 
 
 def test_processes_with_different_configs_stop_before_any_step(tmp_path):
