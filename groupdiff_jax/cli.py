@@ -123,6 +123,40 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+# --- multi-process jobs (TPU pods, GPU clusters) ---------------------------------------------
+
+def define_distributed_flags() -> None:
+  """--distributed, --coordinator, --num_processes, --process_id: the same on every job."""
+  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+  flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-host, non-TPU).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, non-TPU).')
+  flags.DEFINE_integer('process_id', None, 'This process (multi-host, non-TPU).')
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize() when --distributed is set. Cloud TPU, SLURM and OpenMPI need
+  no other flag (JAX reads their environment); elsewhere pass the other three."""
+  fv = flags.FLAGS
+  if not fv.distributed:
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  # CPU processes need a cross-process collectives backend (gloo is jax 0.10's default; say so
+  # explicitly in case a version defaults to none). GPU and TPU ignore this setting.
+  if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
+
+
+def _refuse_urls(dirs: Sequence[str]) -> None:
+  """Output directories are local paths: the jobs write with os/open, not through a GCS client."""
+  for name in dirs:
+    value = flags.FLAGS[name].value if name in flags.FLAGS else None
+    if value and '://' in value:
+      fail(f'--{name}={value}: output directories must be file-system paths, not URLs; mount '
+           'the bucket (gcsfuse, or the GKE Cloud Storage FUSE CSI driver) and pass the mount '
+           'path, e.g. --workdir=/gcs/BUCKET/run')
+
+
 def _first_missing(path: str) -> str | None:
   """The outermost directory of `path` that does not exist yet (None if `path` exists)."""
   path = os.path.abspath(path)
@@ -159,6 +193,7 @@ def run(main: Callable[[list[str]], Any], *, dirs: Sequence[str] = ('workdir',),
     fv = flags.FLAGS
     if quiet_logs and not fv['verbosity'].present:  # progress lines are print()s on stdout;
       logging.set_verbosity(logging.WARNING)        # stderr is for problems (Orbax logs INFO)
+    _refuse_urls(dirs)
     new = [_first_missing(fv[d].value) for d in dirs if d in fv and fv[d].value]
     errors = (UserError,) + (tuple(user_errors()) if user_errors else ())
     try:

@@ -8,10 +8,18 @@ Writes WORKDIR/manifest.json + embeddings-XXXXX-of-YYYYY.npy (retrieval/embeddin
 image_ids.txt for a folder source. Images come from the shared source layer
 (data/image_sources.py), so ids match the encode job's. An unreadable image is skipped: it is
 listed in the manifest's "failed" and its row is a random unit vector (seeded by its id) that
-keeps the id space whole; the trainer never draws it, since the latents lack it. Batches are sharded over all devices (a 1-D 'data' mesh); the
-encoder's own preprocessing is applied (host: resize + centre crop in PIL threads; device:
-normalisation). Rerunning the same command resumes: finished shards are skipped.
+keeps the id space whole; the trainer never draws it, since the latents lack it. Batches are
+sharded over the process's devices (a 1-D 'data' mesh); the encoder's own preprocessing is
+applied (host: resize + centre crop in PIL threads; device: normalisation). Rerunning the same
+command resumes: finished shards are skipped.
+
+Multi-host: the same command on every host with --distributed. Process p embeds shards p, p + P,
+... on its own devices (no collective in the loop); process 0 writes the manifest, the others
+list their unreadable images in failed-process-<p>.json, which process 0 merges into the
+manifest after a barrier at the end.
 """
+import glob
+import json
 import concurrent.futures
 import os
 from collections.abc import Callable
@@ -64,8 +72,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     raise InputError('--workdir is not set')
   if not config.model_dir:
     raise InputError('config.model_dir is not set (a Hugging Face DINOv2/CLIP folder)')
-  if jax.process_count() > 1:
-    raise InputError('embed runs as one process (it uses all of that process\'s devices)')
   source = image_sources.open_source(config.data)
   try:
     encoder = encoders.load_encoder(config.model_dir, kind=config.encoder_kind or None,
@@ -80,26 +86,42 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   old = embedding_store.read_manifest(workdir) if os.path.exists(
       os.path.join(workdir, embedding_store.MANIFEST)) else None
   image_sources.refuse_other_job(workdir, old, manifest, _IDENTITY, 'embeddings')
-  previous = list(old.get('failed', [])) if old else []  # failed images of finished shards
-  embedding_store.write_manifest(workdir, dict(manifest, failed=previous))
-  image_sources.write_id_list(workdir, source)
+  # Failed images of finished shards (also those a killed multi-process run left in side files).
+  previous = (list(old.get('failed', [])) if old else []) + _read_side_files(workdir)
+  pid, count = jax.process_index(), jax.process_count()
+  os.makedirs(workdir, exist_ok=True)  # a process's shards may come before process 0's manifest
+  if pid == 0:
+    image_sources.write_id_list(workdir, source)
 
-  mesh = Mesh(np.array(jax.devices()), ('data',))
+  mesh = Mesh(np.array(jax.local_devices()), ('data',))
   fn, batch_sharding, replicated = make_embed_fn(encoder, spec, mesh)
   state = jax.device_put(encoder.state, replicated)
   ndev = mesh.devices.size
   bsz = -(-config.batch_size // ndev) * ndev  # every device gets the same number of rows
 
   shards = manifest['shards']
-  todo = [s for s in shards if not embedding_store.shard_done(workdir, s, manifest['dim'])]
+  mine = shards[pid::count]
+  todo = [s for s in mine if not embedding_store.shard_done(workdir, s, manifest['dim'])]
   total = sum(s['count'] for s in todo)
   log(f'embed: {source.name}: {source.size} images -> {len(shards)} shards of '
-      f'{config.shard_size} ({len(shards) - len(todo)} already done), encoder '
-      f'{manifest["encoder"]} dim {manifest["dim"]}, batch {bsz} over {ndev} devices')
+      f'{config.shard_size} ({len(mine) - len(todo)} of this process\'s {len(mine)} already '
+      f'done), encoder {manifest["encoder"]} dim {manifest["dim"]}, batch {bsz} over {ndev} '
+      'devices' + (f', process {pid} of {count}' if count > 1 else ''))
 
-  # Failed images of shards already done (a resumed run keeps them; redone shards re-list).
-  done_files = {s['file'] for s in shards} - {s['file'] for s in todo}
-  failed = [f for f in previous if _shard_of(shards, f['id']) in done_files]
+  # Failed images of this process's finished shards are kept (redone shards list theirs again).
+  # Process 0's manifest also keeps the other processes' until their lists replace them at the
+  # end; until then each of those is in its side file, so a killed job loses none.
+  mine_files, todo_files = {s['file'] for s in mine}, {s['file'] for s in todo}
+  failed = [f for f in _unique(previous) if _shard_of(shards, f['id']) in mine_files - todo_files]
+  others = [f for f in _unique(previous) if _shard_of(shards, f['id']) not in mine_files]
+
+  def report() -> None:
+    manifest['failed'] = sorted(failed + (others if pid == 0 else []), key=lambda f: f['id'])
+    if pid == 0:
+      embedding_store.write_manifest(workdir, manifest)
+    else:
+      _write_json(_side_file(workdir, pid), sorted(failed, key=lambda f: f['id']))
+  report()
 
   def prepare(i: int) -> np.ndarray | None:
     image, _, why = source.try_read(i)
@@ -136,8 +158,17 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         out[row:row + len(batch)] = emb
         bar.update(len(batch), extra=f'shard {shards.index(shard) + 1}/{len(shards)}')
       embedding_store.write_shard(workdir, shard, out, manifest['dtype'])
-      manifest['failed'] = sorted(failed, key=lambda f: f['id'])
-      embedding_store.write_manifest(workdir, manifest)
+      report()
+  if count > 1:  # every shard and side file on disk before process 0 merges them
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices('groupdiff_jax.embed: shards written')
+    if pid != 0:
+      return manifest
+    manifest['failed'] = sorted(_unique(failed + _read_side_files(workdir)),
+                                key=lambda f: f['id'])
+    embedding_store.write_manifest(workdir, manifest)
+  for path in glob.glob(_side_file(workdir, '*')):  # all in the manifest now
+    os.remove(path)
   log(f'embed: done, {len(shards)} shards in {workdir} ({progress.duration(bar.seconds)} this '
       f'run), {len(manifest.get("failed", failed))} unreadable images skipped')
   return manifest
@@ -149,12 +180,36 @@ def placeholder_row(image_id: int, dim: int) -> np.ndarray:
   return (x / np.linalg.norm(x)).astype(np.float32)
 
 
+def _side_file(workdir: str, pid: int | str) -> str:
+  return os.path.join(workdir, f'failed-process-{pid}.json')
+
+
+def _read_side_files(workdir: str) -> list[dict[str, Any]]:
+  out = []
+  for path in sorted(glob.glob(_side_file(workdir, '*'))):
+    with open(path) as f:
+      out.extend(json.load(f))
+  return out
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path + '.tmp', 'w') as f:
+    json.dump(value, f)
+  os.replace(path + '.tmp', path)
+
+
+def _unique(failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One entry per image id (the last one listed)."""
+  return list({f['id']: f for f in failed}.values())
+
+
 def _shard_of(shards: list[dict[str, Any]], image_id: int) -> str:
   return next(s['file'] for s in shards if s['start'] <= image_id < s['start'] + s['count'])
 
 
 def main(argv: list[str]) -> None:
   del argv
+  cli.initialize_distributed()
   run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
@@ -163,5 +218,6 @@ if __name__ == '__main__':
   # commands that also define --config) must not register them.
   config_flags.DEFINE_config_file('config', None, 'embed config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory that receives the embedding shards.')
+  cli.define_distributed_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
   cli.run(main, dirs=('workdir',))

@@ -16,9 +16,7 @@ from groupdiff_jax import cli
 
 def main(argv: list[str]) -> None:
   del argv
-  import jax  # pylint: disable=import-outside-toplevel
-  if flags.FLAGS.distributed:
-    jax.distributed.initialize()
+  cli.initialize_distributed()
   from groupdiff_jax.data import encoding  # pylint: disable=import-outside-toplevel
   encoding.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
@@ -26,6 +24,6 @@ def main(argv: list[str]) -> None:
 if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'encode config file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory that receives the latent shards.')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+  cli.define_distributed_flags()
   flags.mark_flags_as_required(['config', 'workdir'])
   cli.run(main, dirs=('workdir',))

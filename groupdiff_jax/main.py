@@ -13,10 +13,7 @@ from groupdiff_jax import cli
 
 config_flags.DEFINE_config_file('config', None, 'A config file from configs/.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
-flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-host, non-TPU).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, non-TPU).')
-flags.DEFINE_integer('process_id', None, 'This process (multi-host, non-TPU).')
+cli.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -33,13 +30,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=import-outside-toplevel
-  if FLAGS.distributed:
-    # CPU processes need a cross-process collectives backend (gloo is jax 0.10's default; say
-    # so explicitly in case a version defaults to none). GPU and TPU ignore this setting.
-    if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  cli.initialize_distributed()
   from groupdiff_jax import train  # pylint: disable=import-outside-toplevel
   train.train(FLAGS.config, FLAGS.workdir)
 

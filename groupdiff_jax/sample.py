@@ -24,10 +24,7 @@ def define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Output directory: manifest, shards, samples.npz.')
   flags.DEFINE_bool('merge', False, 'Only merge the finished shards of --workdir.')
-  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
-  flags.DEFINE_string('coordinator', None, 'host:port of process 0 (multi-host, non-TPU).')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host, non-TPU).')
-  flags.DEFINE_integer('process_id', None, 'This process (multi-host, non-TPU).')
+  cli.define_distributed_flags()
   flags.mark_flag_as_required('workdir')
 
 
@@ -46,9 +43,7 @@ def main(argv: list[str]) -> None:
     return
   if FLAGS.config is None:
     raise cli.UserError('--config is required (e.g. --config=configs/sample_sit_xl.py)')
-  if FLAGS.distributed:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  cli.initialize_distributed()
   job.run(FLAGS.config, FLAGS.workdir)
 
 

@@ -143,3 +143,11 @@ def test_unwritable_workdir_is_one_line_error(tmp_path, where):
   proc = run_cli(str(workdir), *DEMO_TINY)
   assert_one_line_error(proc, f'workdir {workdir} is not writable')
   assert blocker.read_text() == 'keep me'
+
+
+def test_url_workdir_is_one_line_error():
+  """The jobs write with os/open: a gs:// workdir would become a local directory named 'gs:'."""
+  proc = run_cli('gs://bucket/run', *DEMO_TINY, timeout=120)
+  assert_one_line_error(proc, '--workdir=gs://bucket/run: output directories must be file-system '
+                        'paths, not URLs; mount the bucket')
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))

@@ -2,6 +2,7 @@
 x 8 devices: the same loss at every step and the same EMA parameters at the end, up to float
 summation order; processes with different configs stop before any step; two sampling processes
 split the shards and merge to what one process writes."""
+import json
 import os
 import re
 import signal
@@ -244,3 +245,71 @@ def test_two_sampling_processes_write_what_one_writes(tmp_path):
   a, b = np.load(os.path.join(one, 'samples.npz')), np.load(os.path.join(two, 'samples.npz'))
   np.testing.assert_array_equal(a['arr_1'], b['arr_1'])
   np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
+
+
+# --- the offline jobs: each process takes a disjoint set of shards ------------------------------
+
+def _job(module, args, workdir, devices=2, process=None, port=None):
+  """`python -m groupdiff_jax.MODULE` on `devices` CPU devices; process i of 2 when given."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  if process is not None:
+    args = (*args, '--distributed', f'--coordinator=localhost:{port}', '--num_processes=2',
+            f'--process_id={process}')
+  return subprocess.Popen([sys.executable, '-m', f'groupdiff_jax.{module}', *args,
+                           f'--workdir={workdir}'], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _one_and_two(module, args, tmp_path):
+  """Runs the job as 1 process and as 2 (2 devices each: the same per-device batch shapes);
+  returns (one's workdir, two's workdir, the three outputs)."""
+  one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+  port = _free_port()
+  outs = _finish([_job(module, args, one)] + [_job(module, args, two, process=i, port=port)
+                                              for i in range(2)])
+  return one, two, outs
+
+
+def _assert_same_files(one, two):
+  names = sorted(os.listdir(one))
+  assert sorted(os.listdir(two)) == names
+  for name in names:
+    with open(os.path.join(one, name), 'rb') as a, open(os.path.join(two, name), 'rb') as b:
+      assert a.read() == b.read(), name
+
+
+def test_two_embed_processes_write_what_one_writes(tmp_path):
+  """5 images (one unreadable, in process 1's shard) in 3 shards of 2: process 0 embeds shards
+  0 and 2, process 1 shard 1; manifest (with the unreadable image), id list and shards are
+  byte for byte the single-process ones."""
+  from conftest import random_dinov2_folder  # pylint: disable=import-outside-toplevel
+  from test_retrieval import _image_folder  # pylint: disable=import-outside-toplevel
+  images = _image_folder(tmp_path / 'images')
+  (images / 'b' / 'img3.png').write_bytes(b'\x89PNG\r\n\x1a\n not an image')  # id 3
+  args = ('--config=configs/embed_dinov2_folder.py',
+          f'--config.model_dir={random_dinov2_folder(str(tmp_path / "model"))}',
+          f'--config.data.path={images}', '--config.batch_size=2', '--config.shard_size=2')
+  one, two, outs = _one_and_two('embed', args, tmp_path)
+  assert "(0 of this process's 3 already done)" in outs[0]
+  assert "(0 of this process's 2 already done)" in outs[1] and 'process 0 of 2' in outs[1]
+  assert "(0 of this process's 1 already done)" in outs[2] and 'process 1 of 2' in outs[2]
+  with open(os.path.join(two, 'manifest.json')) as f:
+    assert [x['id'] for x in json.load(f)['failed']] == [3]
+  _assert_same_files(one, two)  # no side file left behind either
+
+
+def test_two_encode_processes_write_what_one_writes(tmp_path):
+  """96 images (one corrupt) in 3 shards of 40: process 0 encodes shards 0 and 2, process 1
+  shard 1; every file equals the single-process job's."""
+  from conftest import random_vae_folder  # pylint: disable=import-outside-toplevel
+  from test_latents_e2e import _image_folder  # pylint: disable=import-outside-toplevel
+  images = _image_folder(str(tmp_path / 'images'))
+  args = ('--config=configs/encode_imagenet.py',
+          f'--config.vae_dir={random_vae_folder(str(tmp_path / "vae"))}',
+          '--config.data.kind=folder', f'--config.data.path={images}', '--config.resolution=16',
+          '--config.batch_size=16', '--config.shard_size=40')
+  one, two, outs = _one_and_two('encode', args, tmp_path)
+  assert "(0 of this process's 2 already done)" in outs[1] and 'process 0 of 2' in outs[1]
+  assert "(0 of this process's 1 already done)" in outs[2] and 'process 1 of 2' in outs[2]
+  _assert_same_files(one, two)

@@ -203,13 +203,13 @@ def test_embed_folder_and_resume(tmp_path):
   mtimes = {s['file']: os.stat(work / s['file']).st_mtime_ns for s in m['shards']}
   logs.clear()
   embed.run(config, str(work), log=logs.append)
-  assert '(3 already done)' in logs[0]
+  assert "(3 of this process's 3 already done)" in logs[0]
   assert {f: os.stat(work / f).st_mtime_ns for f in mtimes} == mtimes
   # A lost shard is recomputed, identically.
   os.remove(work / m['shards'][1]['file'])
   logs.clear()
   embed.run(config, str(work), log=logs.append)
-  assert '(2 already done)' in logs[0]
+  assert "(2 of this process's 3 already done)" in logs[0]
   np.testing.assert_array_equal(embedding_store.EmbeddingSet(str(work)).load_float32(), first)
 
   # Another job in the same workdir is refused before any work.
