@@ -10,7 +10,9 @@ import threading
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -109,13 +111,122 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
-  """Pure dict of NamedSharding for an nnx.State, from each variable's logical axis names."""
-  specs = nnx.to_pure_dict(nnx.get_partition_spec(state))
-  shapes = jax.tree.map(lambda v: v.shape, nnx.to_pure_dict(state))
-  return jax.tree.map(
-      lambda spec, shape: NamedSharding(mesh, logical_to_spec(tuple(spec), rules, mesh, shape)),
-      specs, shapes, is_leaf=lambda x: isinstance(x, P))
+def _axes(target: Any) -> tuple[str, ...]:
+  return (target,) if isinstance(target, str) else tuple(target or ())
+
+
+def _entry(axes: Sequence[str]) -> Any:
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def param_spec(logical_axes: Sequence[str | None], shape: Sequence[int], rules: Rules,
+               mesh: Mesh) -> tuple[P, tuple[str, ...]]:
+  """PartitionSpec of a parameter, and the mesh axes it could not be sharded over.
+
+  Like `logical_to_spec`, except that mesh axes whose named dimension they do not divide (1152
+  over fsdp = 256) move to another dimension they divide (the largest; never the scanned
+  'layers' axis, whose slices each step takes), first all together, then the largest alone.
+  Axes that fit nowhere are returned: the parameter stays replicated over them.
+  """
+  table = dict(rules)
+  entries: list[tuple[str, ...]] = [()] * len(shape)
+  used: set[str] = set()
+  homeless = []
+  for i, name in enumerate(logical_axes):
+    target = tuple(a for a in _axes(table.get(name) if name else None)
+                   if a not in used and mesh.shape[a] > 1)
+    if not target:
+      continue
+    if shape[i] % math.prod(mesh.shape[a] for a in target):
+      homeless.append(target)
+    else:
+      entries[i] = target
+      used.update(target)
+  unplaced: list[str] = []
+  for target in homeless:
+    target = tuple(a for a in target if a not in used)
+    options = [target] + ([(a,) for a in sorted(target, key=lambda a: -mesh.shape[a])]
+                          if len(target) > 1 else [])
+    for option in options:
+      size = math.prod(mesh.shape[a] for a in option)
+      free = [j for j in range(len(shape)) if not entries[j] and logical_axes[j] != 'layers'
+              and shape[j] % size == 0]
+      if free:
+        entries[max(free, key=lambda j: shape[j])] = option
+        used.update(option)
+        break
+    unplaced.extend(a for a in target if a not in used)
+  return P(*(_entry(e) for e in entries)), tuple(dict.fromkeys(unplaced))
+
+
+def _param_specs(state: nnx.State, mesh: Mesh, rules: Rules) -> tuple[dict, dict, dict]:
+  """Pure dicts of (spec, unplaced axes), shapes and dtypes of an nnx.State's variables."""
+  names = nnx.to_pure_dict(nnx.get_partition_spec(state))
+  values = nnx.to_pure_dict(state)
+  shapes = jax.tree.map(lambda v: tuple(v.shape), values)
+  specs = jax.tree.map(lambda n, s: param_spec(tuple(n), s, rules, mesh), names, shapes,
+                       is_leaf=lambda x: isinstance(x, P))
+  return specs, shapes, jax.tree.map(lambda v: np.dtype(v.dtype), values)
+
+
+def replication_report(state: nnx.State, mesh: Mesh, rules: Rules) -> str | None:
+  """One line naming the parameters that stay replicated over mesh axes their rules ask to shard
+  them over (no dimension is divisible), or None when every parameter is sharded as asked."""
+  specs, shapes, dtypes = _param_specs(state, mesh, rules)
+  is_spec = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], P)  # noqa: E731
+  flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
+  flat_shapes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  flat_dtypes = jax.tree.leaves(dtypes)
+  hit = [(math.prod(s), math.prod(s) * d.itemsize, axes)
+         for (_, axes), s, d in zip(flat_specs, flat_shapes, flat_dtypes) if axes]
+  if not hit:
+    return None
+  axes = sorted({a for _, _, ax in hit for a in ax})
+  sizes = ', '.join(f'{a} = {mesh.shape[a]}' for a in axes)
+  return (f'{len(hit)} of {len(flat_specs)} parameter arrays ({sum(h[0] for h in hit) / 1e6:.1f}M '
+          f'values, {sum(h[1] for h in hit) / 2**20:.0f} MiB per copy) stay replicated: no '
+          f'dimension is divisible by {sizes}; a mesh whose sizes divide the hidden width '
+          f'shards them')
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules, warn: bool = True) -> dict:
+  """Pure dict of NamedSharding for an nnx.State, from each variable's logical axis names;
+  warns (one line) when some parameters cannot be sharded as the rules ask."""
+  specs, _, _ = _param_specs(state, mesh, rules)
+  if warn:
+    report = replication_report(state, mesh, rules)
+    if report:
+      logging.warning('sharding: %s', report)
+  return jax.tree.map(lambda s: NamedSharding(mesh, s[0]), specs,
+                      is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2
+                      and isinstance(x[0], P))
+
+
+def gather_for_compute(layer: nnx.State, dtype: Any) -> dict:
+  """FSDP's per-layer gather: one scanned layer's parameters cast to the compute dtype, then
+  constrained to be whole over the mesh axes the batch is split over (a no-op outside
+  `use_mesh`). Placed right before the layer runs, XLA all-gathers the bf16 weights there and
+  reduce-scatters their gradients in the backward pass, instead of all-reducing full f32 arrays.
+  Returns a pure dict for `nnx.merge`. Numerics are unchanged: the layers compute in `dtype`."""
+  dtype = jnp.dtype(dtype)
+  names = nnx.to_pure_dict(nnx.get_partition_spec(layer))
+  values = nnx.to_pure_dict(layer)
+  ctx = getattr(_CONTEXT, 'value', None)
+
+  def gather(value, spec):
+    if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != dtype:
+      value = value.astype(dtype)
+    if ctx is None:
+      return value
+    mesh, rules = ctx
+    batch_axes = set(_axes(dict(rules).get('batch')))
+    kept = [(name, tuple(a for a in _axes(target) if a not in batch_axes))
+            for name, target in rules]
+    logical = tuple(spec)[-value.ndim:] if value.ndim else ()  # drop the scanned 'layers' name
+    return jax.lax.with_sharding_constraint(
+        value, NamedSharding(mesh, logical_to_spec(logical, kept, mesh, value.shape)))
+
+  return jax.tree.map(gather, values, names)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

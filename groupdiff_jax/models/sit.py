@@ -310,7 +310,8 @@ class SiT(nnx.Module):
 
     def run_blocks(h, layers, size):
       def one_block(h, layer):
-        block = nnx.merge(graphdef, layer)
+        # FSDP: this layer's weights gathered in the compute dtype just before use.
+        block = nnx.merge(graphdef, sharding.gather_for_compute(layer, cfg.dtype))
         if return_attention_mass:  # the per-layer mass leaves the scan as its stacked output
           return block(h, c, size, with_mass=True)
         return block(h, c, size), None

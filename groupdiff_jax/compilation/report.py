@@ -1,0 +1,130 @@
+"""Per-chip numbers of a compiled program, and what to change when it does not fit.
+
+Everything is per chip (one SPMD program runs on every chip):
+  memory      XLA's buffer assignment: arguments + outputs - donated (aliased) + temporaries,
+              against the chip's HBM.
+  FLOPs       HLO matmuls weighted by loop trip counts (compilation/hlo.py), per image =
+              per chip x chips / images, next to flops.py's analytic count.
+  collectives bytes by kind; 'wire' weights all-reduce 2x (a ring all-reduce is a
+              reduce-scatter plus an all-gather).
+  FSDP min    the least an FSDP train step must move: every parameter gathered twice in the
+              compute dtype (forward, and again for the backward pass) plus one reduce-scatter of
+              the gradients in the parameter dtype, plus a ring all-reduce of the sharded
+              gradients over the pure data-parallel axes.
+  step time   the program's FLOPs at a stated MFU (model FLOPs utilisation) of the chip's peak.
+"""
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from groupdiff_jax.compilation import hlo, programs
+from groupdiff_jax.compilation.topology import Topology
+
+GB = 1e9
+
+
+@dataclasses.dataclass
+class Numbers:
+  program: str
+  chips: int
+  images: int
+  arguments: float          # bytes per chip
+  outputs: float
+  aliased: float
+  temporaries: float
+  hbm: float
+  flops_per_chip: float
+  flops_per_image: float
+  analytic_per_image: float
+  collectives: dict[str, float]  # bytes per chip by kind
+  wire: float
+  kernels: float                 # Mosaic kernel calls per step (FLOPs not in the HLO parse)
+  step_s: float
+  mfu: float
+  compile_s: float
+  fsdp_min: float | None = None
+
+  @property
+  def total(self) -> float:
+    return self.arguments + self.outputs - self.aliased + self.temporaries
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.hbm
+
+
+def fsdp_minimum(trainer, compute_bytes: int) -> float:
+  """Bytes per chip the FSDP train step must move at least (see the module docstring)."""
+  params = jax.tree.leaves(trainer.abstract_state['params'])
+  count = sum(math.prod(p.shape) for p in params)
+  param_bytes = sum(math.prod(p.shape) * np.dtype(p.dtype).itemsize for p in params)
+  mesh = trainer.mesh
+  sharded_axes = {a for s in jax.tree.leaves(trainer.state_shardings['params'])
+                  for e in s.spec if e for a in ((e,) if isinstance(e, str) else e)}
+  batch_rule = dict(trainer.rules).get('batch')
+  batch_axes = (batch_rule,) if isinstance(batch_rule, str) else tuple(batch_rule or ())
+  fsdp = math.prod(mesh.shape[a] for a in sharded_axes)
+  data = math.prod(mesh.shape[a] for a in batch_axes if a not in sharded_axes)
+  total = 0.0
+  if fsdp > 1:
+    total += 2 * count * compute_bytes + param_bytes
+  if data > 1:
+    total += 2 * param_bytes / fsdp
+  return total
+
+
+def measure(program: programs.Program, topology: Topology, mfu: float,
+            fsdp_min: float | None = None) -> Numbers:
+  memory = program.compiled.memory_analysis()
+  analysis = hlo.analyze(program.compiled.as_text())
+  chips = topology.chips
+  return Numbers(
+      program=program.name, chips=chips, images=program.images,
+      arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
+      aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
+      hbm=topology.chip.hbm_bytes, flops_per_chip=analysis.flops,
+      flops_per_image=analysis.flops * chips / program.images,
+      analytic_per_image=program.analytic_flops / program.images,
+      collectives=dict(analysis.collective_bytes), wire=analysis.wire_bytes,
+      kernels=analysis.custom_calls, step_s=analysis.flops / (topology.chip.peak_flops * mfu),
+      mfu=mfu, compile_s=program.compile_s, fsdp_min=fsdp_min)
+
+
+def lines(n: Numbers) -> list[str]:
+  """The human-readable report of one program."""
+  gib = lambda b: f'{b / 2**30:.2f} GiB'  # noqa: E731
+  verdict = 'fits' if n.fits else 'DOES NOT FIT'
+  out = [f'{n.program} (compiled in {n.compile_s:.0f} s), per chip:',
+         f'  memory: {gib(n.total)} of {gib(n.hbm)} HBM, {verdict} '
+         f'(arguments {gib(n.arguments)} + outputs {gib(n.outputs)} - donated {gib(n.aliased)} '
+         f'+ temporaries {gib(n.temporaries)})',
+         f'  executed FLOPs per image: {n.flops_per_image / 1e9:.1f} G = '
+         f'{n.flops_per_image / n.analytic_per_image:.3f}x the analytic '
+         f'{n.analytic_per_image / 1e9:.1f} G (flops.py)']
+  if n.kernels:
+    out.append(f'  ({n.kernels:.0f} Mosaic kernel calls per step: their FLOPs count only where '
+               f'the kernel states a cost estimate)')
+  kinds = ', '.join(f'{k} {v / GB:.2f}' for k, v in n.collectives.items() if v)
+  out.append(f'  collectives: {kinds or "none"} GB; wire {n.wire / GB:.2f} GB '
+             f'(all-reduce counted 2x)')
+  if n.fsdp_min:
+    out.append(f'  FSDP minimum {n.fsdp_min / GB:.2f} GB: wire = '
+               f'{n.wire / n.fsdp_min:.2f}x the minimum')
+  out.append(f'  estimated time at {100 * n.mfu:.0f}% MFU: {1e3 * n.step_s:.0f} ms per step, '
+             f'{n.images / n.step_s:,.0f} images/s on {n.chips} chips')
+  return out
+
+
+def table_row(label: str, n: Numbers) -> dict:
+  """One row of BENCHMARKS.md's AOT table."""
+  return {'run': label, 'program': n.program, 'GiB/chip': f'{n.total / 2**30:.2f}',
+          'HBM GiB': f'{n.hbm / 2**30:.0f}',
+          'GFLOP/img exec': f'{n.flops_per_image / 1e9:.1f}',
+          'analytic': f'{n.analytic_per_image / 1e9:.1f}',
+          'exec/analytic': f'{n.flops_per_image / n.analytic_per_image:.2f}',
+          'coll. GB/chip (wire)': f'{n.wire / GB:.2f}',
+          'by kind': ' '.join(f'{k.replace("collective-", "")}:{v / GB:.2f}'
+                              for k, v in n.collectives.items() if v) or '-',
+          'x FSDP min': f'{n.wire / n.fsdp_min:.2f}' if n.fsdp_min else '-'}
