@@ -31,6 +31,9 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "tpu": ["jax[tpu]>=0.10.0,<0.13"],
+        # libtpu for `python -m groupdiff_jax.aot` on any host (no TPU needed): jax's own `tpu`
+        # extra pins the libtpu release that matches the installed jax.
+        "aot": ["jax[tpu]>=0.10.0,<0.13"],
         "cuda": ["jax[cuda12]>=0.10.0,<0.13"],
         # torch is pinned: an unpinned torch pulls a multi-GB CUDA build (toolchain_notes.md).
         "test": [

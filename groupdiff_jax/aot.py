@@ -8,6 +8,8 @@ bytes by kind against the FSDP minimum, and the step time at the stated MFU. Whe
 does not fit, it compiles the proposals of compilation/fit.py (a mesh that shards every
 parameter, remat) until one fits. Topology names: README "AOT fit check".
 """
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -23,6 +25,7 @@ def define_flags() -> None:
   flags.DEFINE_list('programs', ['train', 'sample'], 'Which programs to compile.')
   flags.DEFINE_integer('max_tries', 3, 'Proposals to compile when the train step does not fit.')
   flags.DEFINE_string('label', '', 'Row label of the Markdown summary (default: the topology).')
+  flags.DEFINE_string('hlo_dir', '', 'Also write each optimized HLO text here (for a closer look).')
   flags.mark_flags_as_required(['config', 'topology'])
 
 
@@ -35,11 +38,13 @@ def main(argv) -> None:
   if not 0 < FLAGS.mfu <= 1:
     raise cli.UserError(f'--mfu must be in (0, 1], got {FLAGS.mfu}')
   slice_ = topology.parse(FLAGS.topology)
+  if FLAGS.hlo_dir:
+    os.makedirs(FLAGS.hlo_dir, exist_ok=True)
   if not topology.libtpu_available():
     raise cli.UserError('AOT compilation for TPU needs libtpu: pip install -e ".[aot]"')
   aot_run.run(FLAGS.config, slice_, programs=tuple(FLAGS.programs), mfu=FLAGS.mfu,
               max_tries=FLAGS.max_tries, label=FLAGS.label or slice_.libtpu_name,
-              say=progress.say)
+              say=progress.say, hlo_dir=FLAGS.hlo_dir)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -51,4 +56,4 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, dirs=(), user_errors=user_errors)
+  cli.run(main, dirs=('hlo_dir',), user_errors=user_errors)

@@ -183,8 +183,10 @@ def replication_report(state: nnx.State, mesh: Mesh, rules: Rules) -> str | None
     return None
   axes = sorted({a for _, _, ax in hit for a in ax})
   sizes = ', '.join(f'{a} = {mesh.shape[a]}' for a in axes)
-  return (f'{len(hit)} of {len(flat_specs)} parameter arrays ({sum(h[0] for h in hit) / 1e6:.1f}M '
-          f'values, {sum(h[1] for h in hit) / 2**20:.0f} MiB per copy) stay replicated: no '
+  values, nbytes = sum(h[0] for h in hit), sum(h[1] for h in hit)
+  amount = f'{values / 1e6:.1f}M' if values >= 1e5 else f'{values:,}'
+  return (f'{len(hit)} of {len(flat_specs)} parameter arrays ({amount} values, '
+          f'{nbytes / 2**20:.1f} MiB per copy) stay replicated: no '
           f'dimension is divisible by {sizes}; a mesh whose sizes divide the hidden width '
           f'shards them')
 
@@ -202,29 +204,49 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules, warn: bool = Tru
                       and isinstance(x[0], P))
 
 
+def _gathered(value: jax.Array, dtype: Any, whole: NamedSharding,
+              stored: NamedSharding) -> jax.Array:
+  """`value` cast to `dtype` and made whole (all-gather); the cotangent goes back in the stored
+  dtype and sharding, so the backward pass reduce-scatters the gradient rather than all-reducing
+  it to every device (what the transpose of a plain sharding constraint would do)."""
+  @jax.custom_vjp
+  def gather(v):
+    return jax.lax.with_sharding_constraint(v.astype(dtype), whole)
+
+  def forward(v):
+    return gather(v), None
+
+  def backward(_, cotangent):
+    return (jax.lax.with_sharding_constraint(cotangent.astype(value.dtype), stored),)
+
+  gather.defvjp(forward, backward)
+  return gather(value)
+
+
 def gather_for_compute(layer: nnx.State, dtype: Any) -> dict:
-  """FSDP's per-layer gather: one scanned layer's parameters cast to the compute dtype, then
-  constrained to be whole over the mesh axes the batch is split over (a no-op outside
-  `use_mesh`). Placed right before the layer runs, XLA all-gathers the bf16 weights there and
-  reduce-scatters their gradients in the backward pass, instead of all-reducing full f32 arrays.
-  Returns a pure dict for `nnx.merge`. Numerics are unchanged: the layers compute in `dtype`."""
+  """FSDP's per-layer gather, for one layer's slice of the scanned parameters: floating
+  parameters cast to the compute dtype and made whole over the mesh axes the batch is split
+  over, right before the layer runs; their gradients are reduce-scattered back to the stored
+  sharding in the stored dtype. Outside `use_mesh` only the cast. Returns a pure dict for
+  `nnx.merge`; numerics are those of the layer computing in `dtype` anyway."""
   dtype = jnp.dtype(dtype)
   names = nnx.to_pure_dict(nnx.get_partition_spec(layer))
   values = nnx.to_pure_dict(layer)
   ctx = getattr(_CONTEXT, 'value', None)
 
   def gather(value, spec):
-    if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != dtype:
-      value = value.astype(dtype)
-    if ctx is None:
+    if not jnp.issubdtype(value.dtype, jnp.floating) or value.dtype == dtype:
       return value
+    if ctx is None:
+      return value.astype(dtype)
     mesh, rules = ctx
     batch_axes = set(_axes(dict(rules).get('batch')))
     kept = [(name, tuple(a for a in _axes(target) if a not in batch_axes))
             for name, target in rules]
     logical = tuple(spec)[-value.ndim:] if value.ndim else ()  # drop the scanned 'layers' name
-    return jax.lax.with_sharding_constraint(
-        value, NamedSharding(mesh, logical_to_spec(logical, kept, mesh, value.shape)))
+    whole = NamedSharding(mesh, logical_to_spec(logical, kept, mesh, value.shape))
+    stored = NamedSharding(mesh, param_spec(logical, value.shape, rules, mesh)[0])
+    return _gathered(value, dtype, whole, stored)
 
   return jax.tree.map(gather, values, names)
 

@@ -19,14 +19,18 @@ def pytest_configure(config):
   config.addinivalue_line('markers', 'gpu: needs an NVIDIA GPU')
   config.addinivalue_line('markers', 'tpu: needs a TPU')
   config.addinivalue_line('markers', 'slow: long-running (minutes)')
+  config.addinivalue_line('markers', 'aot: compiles for TPU topologies on the CPU host (libtpu)')
 
 
 def pytest_collection_modifyitems(config, items):
   platform = jax.default_backend()
+  has_libtpu = importlib.util.find_spec('libtpu') is not None
   for item in items:
     for marker, backend in (('gpu', 'gpu'), ('tpu', 'tpu')):
       if marker in item.keywords and platform != backend:
         item.add_marker(pytest.mark.skip(reason=f'needs a {backend.upper()} (backend is {platform})'))
+    if 'aot' in item.keywords and not has_libtpu:
+      item.add_marker(pytest.mark.skip(reason='needs libtpu (pip install -e .[aot])'))
 
 
 def load_config(name: str = 'common'):

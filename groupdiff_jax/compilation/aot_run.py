@@ -1,6 +1,8 @@
 """The fit check of `python -m groupdiff_jax.aot`: compile, measure, report, propose."""
+import os
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import progress, sharding
@@ -12,7 +14,7 @@ COMPILERS = {'train': programs.compile_train, 'sample': programs.compile_sample}
 
 def check(config, slice_: Topology, *, devices: list | None = None,
           which: tuple[str, ...] = ('train', 'sample'), mfu: float = 0.4,
-          say: Callable[[str], None] = progress.say) -> list[report.Numbers]:
+          say: Callable[[str], None] = progress.say, hlo_dir: str = '') -> list[report.Numbers]:
   """Compiles `which` programs of `config` for the slice and measures them."""
   devices = topology.devices(slice_) if devices is None else devices
   mesh = sharding.mesh_from_config(config, devices)
@@ -22,26 +24,40 @@ def check(config, slice_: Topology, *, devices: list | None = None,
   for name in which:
     say(f'compiling the {name} step for {slice_.libtpu_name} on mesh '
         f'{dict(mesh.shape)} (SiT-XL/2 takes minutes on a CPU host) ...')
-    program = COMPILERS[name](trainer, config)
-    out.append(report.measure(program, slice_, mfu, fsdp_min if name == 'train' else None))
+    minimum = fsdp_min if name == 'train' else None
+    try:
+      program = COMPILERS[name](trainer, config)
+    except jax.errors.JaxRuntimeError as e:
+      if 'RESOURCE_EXHAUSTED' not in str(e):
+        raise
+      out.append(report.out_of_memory(f'{name} step', slice_, str(e), minimum, mfu))
+      continue
+    if hlo_dir:
+      path = os.path.join(hlo_dir, f'{slice_.libtpu_name.replace(":", "_")}_{name}.hlo.txt')
+      with open(path + '.tmp', 'w') as f:
+        f.write(program.compiled.as_text())
+      os.replace(path + '.tmp', path)
+    out.append(report.measure(program, slice_, mfu, minimum))
   return out
 
 
 def run(config, slice_: Topology, *, programs: tuple[str, ...], mfu: float, max_tries: int,
-        label: str, say: Callable[[str], None] = progress.say) -> list[report.Numbers]:
+        label: str, say: Callable[[str], None] = progress.say,
+        hlo_dir: str = '') -> list[report.Numbers]:
   devices = topology.devices(slice_)
   say(f'{slice_.describe()}; {len(devices)} devices')
   say(f'model {config.model.name} | batch {config.data.global_batch} | groups '
       f'{config.group.cond_size}/{config.group.uncond_size} (cond/uncond) | attention '
       f'{config.model.attention} | remat {config.model.remat} | mesh {tuple(config.mesh.axes)} '
       f'{tuple(config.mesh.shape)}')
-  results = check(config, slice_, devices=devices, which=programs, mfu=mfu, say=say)
+  results = check(config, slice_, devices=devices, which=programs, mfu=mfu, say=say,
+                  hlo_dir=hlo_dir)
   for n in results:
     for line in report.lines(n):
       say(line)
   rows = [report.table_row(label, n) for n in results]
   train = next((n for n in results if n.program == 'train step'), None)
-  if train is not None and not train.fits:
+  if train is not None and not train.fits and max_tries > 0:
     rows += _try_proposals(config, slice_, devices, mfu, max_tries, label, say)
   progress.print_table(rows)
   return results

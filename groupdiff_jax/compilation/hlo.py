@@ -106,20 +106,21 @@ def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
   return computations, entry
 
 
-def trip_count(condition: list[Instruction]) -> int:
-  """Trip count of a counted loop: its condition compares the counter with a constant (LT)."""
-  constants = {}
+def trip_count(condition: list[Instruction], computations: dict | None = None) -> int:
+  """Trip count of a counted loop (a scan): its condition compares the counter, which starts at
+  0, with a constant, directly (TPU) or through a wrapping fusion (CPU)."""
+  constants = {i.name: int(i.args) for i in condition
+               if i.opcode == 'constant' and re.fullmatch(r'-?\d+', i.args.strip())}
   for inst in condition:
-    if inst.opcode == 'constant':
-      m = re.fullmatch(r'\s*(-?\d+)\s*', inst.args)
-      if m:
-        constants[inst.name] = int(m.group(1))
-  for inst in condition:
-    if inst.opcode == 'compare':
-      bound = [constants[o] for o in inst.operands if o in constants]
-      if bound:
-        direction = re.search(r'direction=(\w+)', inst.attrs)
-        return bound[0] + (1 if direction and direction.group(1) == 'LE' else 0)
+    bound = [constants[o] for o in inst.operands if o in constants]
+    if not bound or inst.opcode not in ('compare', 'fusion'):
+      continue
+    text = inst.attrs
+    if inst.opcode == 'fusion' and computations is not None:
+      callee = dict(_CALLEE.findall(inst.attrs)).get('calls', '')
+      text = ' '.join(i.attrs for i in computations.get(callee, []) if i.opcode == 'compare')
+    direction = re.search(r'direction=(\w+)', text)
+    return bound[0] + (1 if direction and direction.group(1) == 'LE' else 0)
   return 1
 
 
@@ -132,7 +133,7 @@ def multiplicities(computations: dict[str, list[Instruction]], entry: str) -> di
     for inst in computations.get(name, ()):
       callees = dict((k, v) for k, v in _CALLEE.findall(inst.attrs))
       if inst.opcode == 'while':
-        trips = trip_count(computations.get(callees.get('condition', ''), []))
+        trips = trip_count(computations.get(callees.get('condition', ''), []), computations)
         visit(callees['body'], factor * trips)
         continue
       for key, callee in callees.items():
@@ -158,7 +159,14 @@ def _contracted(inst: Instruction, shapes: dict[str, str]) -> int:
   rhs = arrays(shapes.get(inst.operands[1], '')) if len(inst.operands) > 1 else []
   if not labels or not rhs:
     return 0
-  return math.prod(n for label, n in zip(labels.group(1), rhs[0][1]) if label != 'o')
+  features = math.prod(n for label, n in zip(labels.group(1), rhs[0][1]) if label == 'i')
+  # Spatial window taps. TPU writes a batched matmul's batch dims as a window of size n over an
+  # input dilated by n (lhs_dilate), so each output sees ceil(size / dilation) real taps.
+  sizes = re.search(r'\bsize=([0-9x]+)', inst.attrs)
+  dilate = re.search(r'lhs_dilate=([0-9x]+)', inst.attrs)
+  sizes = [int(v) for v in sizes.group(1).split('x')] if sizes else []
+  dilate = [int(v) for v in dilate.group(1).split('x')] if dilate else [1] * len(sizes)
+  return features * math.prod(-(-s // d) for s, d in zip(sizes, dilate))
 
 
 @dataclasses.dataclass
@@ -212,7 +220,7 @@ def analyze(text: str) -> Analysis:
           out.flops += factor * float(estimate.group(1))
       elif inst.opcode == 'while':
         cond = dict(_CALLEE.findall(inst.attrs)).get('condition', '')
-        out.while_trips.append(trip_count(computations.get(cond, [])))
+        out.while_trips.append(trip_count(computations.get(cond, []), computations))
       kind = _collective_kind(inst.opcode)
       if kind:
         out.collective_bytes[kind] += factor * _collective_bytes(kind, inst, shapes)

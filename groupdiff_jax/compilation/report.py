@@ -15,6 +15,7 @@ Everything is per chip (one SPMD program runs on every chip):
 """
 import dataclasses
 import math
+import re
 
 import jax
 import numpy as np
@@ -45,6 +46,7 @@ class Numbers:
   mfu: float
   compile_s: float
   fsdp_min: float | None = None
+  error: str = ''                # XLA's message when it could not fit the program at all
 
   @property
   def total(self) -> float:
@@ -52,7 +54,7 @@ class Numbers:
 
   @property
   def fits(self) -> bool:
-    return self.total <= self.hbm
+    return not self.error and self.total <= self.hbm
 
 
 def fsdp_minimum(trainer, compute_bytes: int) -> float:
@@ -92,9 +94,24 @@ def measure(program: programs.Program, topology: Topology, mfu: float,
       mfu=mfu, compile_s=program.compile_s, fsdp_min=fsdp_min)
 
 
+def out_of_memory(name: str, topology: Topology, error: str, fsdp_min: float | None,
+                  mfu: float) -> Numbers:
+  """Numbers of a program XLA refused to compile for lack of HBM: its temporaries (from the
+  message) and nothing else."""
+  need = re.search(r'temporaries \(([0-9.]+)([KMG])', error)
+  temporaries = float(need.group(1)) * 2 ** {'K': 10, 'M': 20, 'G': 30}[need.group(2)] if need \
+      else float('nan')
+  nan = float('nan')
+  return Numbers(name, topology.chips, 0, nan, nan, nan, temporaries, topology.chip.hbm_bytes,
+                 nan, nan, nan, {}, nan, 0.0, nan, mfu, nan, fsdp_min,
+                 error=error.strip().splitlines()[0])
+
+
 def lines(n: Numbers) -> list[str]:
   """The human-readable report of one program."""
   gib = lambda b: f'{b / 2**30:.2f} GiB'  # noqa: E731
+  if n.error:
+    return [f'{n.program}: DOES NOT FIT, XLA: {n.error}']
   verdict = 'fits' if n.fits else 'DOES NOT FIT'
   out = [f'{n.program} (compiled in {n.compile_s:.0f} s), per chip:',
          f'  memory: {gib(n.total)} of {gib(n.hbm)} HBM, {verdict} '
@@ -106,11 +123,11 @@ def lines(n: Numbers) -> list[str]:
   if n.kernels:
     out.append(f'  ({n.kernels:.0f} Mosaic kernel calls per step: their FLOPs count only where '
                f'the kernel states a cost estimate)')
-  kinds = ', '.join(f'{k} {v / GB:.2f}' for k, v in n.collectives.items() if v)
-  out.append(f'  collectives: {kinds or "none"} GB; wire {n.wire / GB:.2f} GB '
+  kinds = ', '.join(f'{k} {v / GB:.3g}' for k, v in n.collectives.items() if v)
+  out.append(f'  collectives: {kinds or "none"} GB; wire {n.wire / GB:.3g} GB '
              f'(all-reduce counted 2x)')
   if n.fsdp_min:
-    out.append(f'  FSDP minimum {n.fsdp_min / GB:.2f} GB: wire = '
+    out.append(f'  FSDP minimum {n.fsdp_min / GB:.3g} GB: wire = '
                f'{n.wire / n.fsdp_min:.2f}x the minimum')
   out.append(f'  estimated time at {100 * n.mfu:.0f}% MFU: {1e3 * n.step_s:.0f} ms per step, '
              f'{n.images / n.step_s:,.0f} images/s on {n.chips} chips')
@@ -119,12 +136,18 @@ def lines(n: Numbers) -> list[str]:
 
 def table_row(label: str, n: Numbers) -> dict:
   """One row of BENCHMARKS.md's AOT table."""
+  if n.error:
+    return {'run': label, 'program': n.program,
+            'GiB/chip': f'OOM: temporaries alone {n.temporaries / 2**30:.1f}',
+            'HBM GiB': f'{n.hbm / 2**30:.0f}', 'GFLOP/img exec': '-', 'analytic': '-',
+            'exec/analytic': '-', 'coll. GB/chip (wire)': '-', 'by kind': '-',
+            'x FSDP min': '-'}
   return {'run': label, 'program': n.program, 'GiB/chip': f'{n.total / 2**30:.2f}',
           'HBM GiB': f'{n.hbm / 2**30:.0f}',
           'GFLOP/img exec': f'{n.flops_per_image / 1e9:.1f}',
           'analytic': f'{n.analytic_per_image / 1e9:.1f}',
           'exec/analytic': f'{n.flops_per_image / n.analytic_per_image:.2f}',
-          'coll. GB/chip (wire)': f'{n.wire / GB:.2f}',
-          'by kind': ' '.join(f'{k.replace("collective-", "")}:{v / GB:.2f}'
+          'coll. GB/chip (wire)': f'{n.wire / GB:.3g}',
+          'by kind': ' '.join(f'{k.replace("collective-", "")}:{v / GB:.3g}'
                               for k, v in n.collectives.items() if v) or '-',
           'x FSDP min': f'{n.wire / n.fsdp_min:.2f}' if n.fsdp_min else '-'}

@@ -8,6 +8,7 @@ Both are accepted; the report always prints the chip count.
 """
 import dataclasses
 import math
+import os
 import re
 
 
@@ -105,6 +106,9 @@ def parse(name: str) -> Topology:
 def devices(topology: Topology) -> list:
   """The topology's TPU devices, for building a Mesh and compiling (needs libtpu, no TPU)."""
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  # A topology description opens no chip, so a second process (a test, another fit check) may
+  # load libtpu beside the first instead of failing on libtpu's single-process lockfile.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   extra = {'chip_config_name': topology.chip.chip_config} if topology.chip.chip_config else {}
   return list(topologies.get_topology_desc(platform='tpu', topology_name=topology.libtpu_name,
                                            **extra).devices)

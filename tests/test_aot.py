@@ -1,0 +1,63 @@
+"""The AOT fit check compiled for a real TPU topology (v5e:2x2, 4 chips) on the CPU host: per-chip
+memory from the parameter count, executed FLOPs against flops.py, and FSDP's collectives.
+Needs libtpu (pip install -e .[aot]); skips without it."""
+import math
+
+import jax
+import pytest
+from conftest import tiny_config
+
+from groupdiff_jax.compilation import aot_run, report, topology
+
+pytestmark = pytest.mark.aot
+
+CHIPS = 4
+
+
+@pytest.fixture(scope='module')
+def measured():
+  config = tiny_config(**{'model.name': 'SiT-d2h256n4/2', 'model.dtype': 'bfloat16',
+                          'model.attention': 'xla', 'sample.cfg_scale': 2.0})
+  slice_ = topology.parse('v5e:2x2')
+  lines = []
+  numbers = aot_run.check(config, slice_, say=lines.append)
+  params = sum(math.prod(p.shape) for p in jax.tree.leaves(
+      aot_run.programs.train_step.build(
+          config, aot_run.sharding.mesh_from_config(config, topology.devices(slice_))
+      ).abstract_state['params']))
+  return {n.program: n for n in numbers}, params, lines
+
+
+def test_train_step_memory_follows_the_parameter_count(measured):
+  numbers, params, _ = measured
+  train = numbers['train step']
+  state = 4 * 4 * params  # float32 params, Adam's two moments and the EMA
+  assert train.chips == CHIPS and train.fits
+  # Every parameter divides over fsdp = 4: each chip holds a quarter of the state (+ the batch).
+  assert state / CHIPS <= train.arguments <= 1.1 * state / CHIPS + 2**20
+  assert train.aliased >= 0.9 * state / CHIPS  # the donated state is updated in place
+  assert train.total < state  # far below a replicated state
+
+
+def test_executed_flops_match_the_analytic_count(measured):
+  numbers, _, _ = measured
+  for n in numbers.values():
+    assert 0.99 <= n.flops_per_image / n.analytic_per_image <= 1.25, n.program
+
+
+def test_fsdp_gathers_weights_instead_of_all_reducing_them(measured):
+  numbers, params, _ = measured
+  train, sample = numbers['train step'], numbers['sampling step']
+  assert train.collectives['all-gather'] > 0 and sample.collectives['all-gather'] > 0
+  assert train.collectives['all-reduce'] < 4 * params  # no full float32 gradient all-reduce
+  assert train.wire <= 1.5 * train.fsdp_min
+  assert sample.collectives['all-reduce'] < params  # inference only gathers
+
+
+def test_report_lines_name_memory_flops_collectives_and_time(measured):
+  numbers, _, lines = measured
+  assert any('compiling the train step for v5e:2x2' in line for line in lines)
+  text = '\n'.join(report.lines(numbers['train step']))
+  for part in ('of 16.00 GiB HBM, fits', 'executed FLOPs per image', 'all-gather',
+               'x the minimum', 'ms per step', 'on 4 chips'):
+    assert part in text

@@ -1,0 +1,92 @@
+"""AOT machinery that needs no libtpu: TPU slice names, and the trip-count-weighted HLO analysis
+on a program compiled for the 8 CPU devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from groupdiff_jax.compilation import hlo, topology
+
+
+@pytest.mark.parametrize('name, grid, chips', [
+    ('v5p-128', (4, 4, 4), 64),    # Cloud names count TensorCores on v5p: 128 cores = 64 chips
+    ('v5p-64', (2, 4, 4), 32),
+    ('v4-8', (2, 2, 1), 4),
+    ('v5e-256', (16, 16), 256),    # ... and chips on v5e / v6e
+    ('v6e-64', (8, 8), 64),
+    ('v5litepod-16', (4, 4), 16),
+    ('v5p:4x4x8', (4, 4, 8), 128),
+    ('v5e:2x2', (2, 2), 4),
+])
+def test_slice_names_give_the_chip_grid(name, grid, chips):
+  t = topology.parse(name)
+  assert (t.grid, t.chips) == (grid, chips)
+  assert t.libtpu_name == f'{t.generation}:{"x".join(map(str, grid))}'
+  assert f'{chips} chips' in t.describe()
+
+
+@pytest.mark.parametrize('name', ['v5p-7', 'v5p:4x4', 'v7x-8', 'v5e-48', 'gpu4'])
+def test_bad_slice_names_are_refused(name):
+  with pytest.raises(topology.TopologyError):
+    topology.parse(name)
+
+
+def scanned_grad(depth: int, width: int, rows: int):
+  """d/dw of a `depth`-layer scan whose bf16 weights are gathered per layer on 8 devices."""
+  mesh = Mesh(np.array(jax.devices()[:8]), ('x',))
+
+  def loss(w, x):
+    def layer(h, wl):
+      wl = jax.lax.with_sharding_constraint(wl.astype(jnp.bfloat16), NamedSharding(mesh, P()))
+      return jnp.tanh(h @ wl), None
+    return (jax.lax.scan(layer, x, w)[0].astype(jnp.float32) ** 2).sum()
+
+  w = jax.ShapeDtypeStruct((depth, width, width), jnp.float32,
+                           sharding=NamedSharding(mesh, P(None, 'x')))
+  x = jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=NamedSharding(mesh, P('x')))
+  return jax.jit(jax.grad(loss), out_shardings=w.sharding).lower(w, x).compile()
+
+
+def test_hlo_analysis_counts_every_trip_of_a_scan():
+  depth, width, rows = 3, 256, 64
+  analysis = hlo.analyze(scanned_grad(depth, width, rows).as_text())
+  # Per device: 8 of the rows; each layer runs h @ w forward and two matmuls backward.
+  assert analysis.flops == depth * 3 * 2 * (rows // 8) * width * width
+  assert analysis.collective_count['all-gather'] == depth  # one gather per layer, every trip
+  assert analysis.collective_bytes['all-gather'] >= depth * width * width * 2
+  assert depth in analysis.while_trips
+
+
+def test_hlo_analysis_scales_with_depth_where_cost_analysis_does_not():
+  one, two = (scanned_grad(d, 128, 16) for d in (2, 4))
+  assert hlo.analyze(two.as_text()).flops == 2 * hlo.analyze(one.as_text()).flops
+
+
+def test_trip_count_reads_the_loop_bound():
+  text = '''HloModule m
+%cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %c = s32[] constant(28)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p.1: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p.1 = (s32[], f32[4]{0}) parameter(0)
+  %a = f32[4,8]{1,0} parameter(1)
+  %b = f32[8,4]{1,0} parameter(2)
+  %d = f32[4,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %g = f32[64]{0} all-gather(%a), dimensions={0}
+  ROOT %t = (s32[], f32[4]{0}) tuple(%p.1)
+}
+
+ENTRY %main (x: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %x = (s32[], f32[4]{0}) parameter(0)
+  ROOT %w = (s32[], f32[4]{0}) while(%x), condition=%cond, body=%body
+}
+'''
+  analysis = hlo.analyze(text)
+  assert analysis.while_trips == [28]
+  assert analysis.flops == 28 * 2 * 16 * 8
+  assert analysis.collective_bytes['all-gather'] == 28 * 64 * 4
