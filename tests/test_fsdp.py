@@ -94,3 +94,29 @@ def test_layer_is_gathered_whole_in_the_compute_dtype():
   del graphdef
   plain = jax.jit(first_layer)(state)  # outside use_mesh: only the cast
   assert plain['fc1']['kernel'].dtype == jnp.bfloat16
+
+
+def test_gradient_through_the_gather_is_the_plain_cast_gradient_reduce_scattered():
+  m = mesh((2, 4, 1))
+  cfg = sit.SiTConfig(depth=2, hidden=32, heads=2, patch=2, input_size=8, num_classes=10)
+  _, state = nnx.split(sit.create(cfg).blocks)
+  state = nnx.state(state, lambda path, v: 'qkv' in path and path[-1] == 'kernel')
+  kernel = jax.random.normal(jax.random.key(0), (2, 32, 96))
+  nnx.replace_by_pure_dict(state, jax.device_put(
+      {'qkv': {'kernel': kernel}}, sharding.param_shardings(state, m, RULES)))
+  x = jax.random.normal(jax.random.key(1), (16, 32), jnp.bfloat16)
+
+  def loss(state, gather):
+    def layer(h, params):
+      w = gather(params)['qkv']['kernel'] if gather else params['qkv']['kernel'][...]
+      return jnp.tanh(h @ w[:, :32].astype(jnp.bfloat16)), None
+    return jnp.sum(jax.lax.scan(layer, x, state)[0].astype(jnp.float32) ** 2)
+
+  with sharding.use_mesh(m, RULES):
+    grad = jax.jit(jax.grad(
+        lambda s: loss(s, lambda p: sharding.gather_for_compute(p, jnp.bfloat16))))(state)
+  plain = jax.jit(jax.grad(lambda s: loss(s, None)))(state)
+  g, ref = grad['qkv']['kernel'][...], plain['qkv']['kernel'][...]
+  assert g.dtype == jnp.float32 and g.sharding.spec == P(None, 'fsdp', None)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-2, atol=1e-2)
+  assert np.abs(np.asarray(g)).max() > 0
