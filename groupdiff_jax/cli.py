@@ -45,6 +45,17 @@ def one_line(exc: BaseException) -> str:
   return ' '.join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def set_dotted(config: Any, overrides: dict) -> Any:
+  """Sets dotted keys ('optim.lr': 3e-4) on a ConfigDict, as --config.optim.lr=3e-4 would."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
 def _config_flags(flag_values: flags.FlagValues) -> list[str]:
   """Names of the ml_collections config-file flags (they alone have a config_filename)."""
   return [name for name in flag_values if hasattr(type(flag_values[name]), 'config_filename')]

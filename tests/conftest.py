@@ -66,13 +66,8 @@ def tiny_config(**overrides):
 
 def apply_overrides(config, overrides: dict):
   """Sets dotted keys ('optim.lr') on a ConfigDict, like --config.optim.lr on the command line."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from groupdiff_jax import cli  # pylint: disable=import-outside-toplevel
+  return cli.set_dotted(config, overrides)
 
 
 @pytest.fixture

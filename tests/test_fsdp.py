@@ -120,3 +120,14 @@ def test_gradient_through_the_gather_is_the_plain_cast_gradient_reduce_scattered
   assert g.dtype == jnp.float32 and g.sharding.spec == P(None, 'fsdp', None)
   np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-2, atol=1e-2)
   assert np.abs(np.asarray(g)).max() > 0
+
+
+def test_fit_proposes_the_largest_fsdp_size_that_shards_every_parameter():
+  from groupdiff_jax.compilation import fit  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{'model.name': 'SiT-d2h36n2/2'})  # 36 over fsdp = 8 does not divide
+  assert fit.proposals(config, jax.devices()) == [
+      {'mesh.shape': (2, 4, 1)}, {'model.remat': True},
+      {'mesh.shape': (2, 4, 1), 'model.remat': True}]
+  assert fit.proposals(tiny_config(), jax.devices()) == [{'model.remat': True}]
+  assert fit.flags_for({'mesh.shape': (2, 4, 1), 'model.remat': True}) == \
+      "--config.mesh.shape='(2, 4, 1)' --config.model.remat=True"

@@ -6,7 +6,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from groupdiff_jax import sharding
+from groupdiff_jax import cli, sharding
 from groupdiff_jax.models import sit
 
 
@@ -67,13 +67,7 @@ def proposals(config: ml_collections.ConfigDict, devices: list) -> list[dict]:
 def apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+    return cli.set_dotted(config, overrides)
 
 
 def flags_for(overrides: dict) -> str:
