@@ -5,7 +5,12 @@
 Multi-host (TPU pods, GPU clusters): every host runs the same command; pass --distributed
 (Cloud TPU needs no other flag; elsewhere set --coordinator, --num_processes, --process_id or the
 SLURM/OpenMPI environment that jax.distributed.initialize detects).
+
+Exit status 143 (128 + SIGTERM): stopped by a preemption signal after saving a checkpoint; the
+same command resumes. Schedulers retry on it (launch/gpu_slurm.sbatch requeues the job).
 """
+import sys
+
 from absl import flags
 from ml_collections import config_flags
 
@@ -16,6 +21,7 @@ flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and sam
 cli.define_distributed_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
+EXIT_PREEMPTED = 143
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -32,7 +38,9 @@ def main(argv):
   del argv
   cli.initialize_distributed()
   from groupdiff_jax import train  # pylint: disable=import-outside-toplevel
-  train.train(FLAGS.config, FLAGS.workdir)
+  result = train.train(FLAGS.config, FLAGS.workdir)
+  if result['step'] < FLAGS.config.total_steps:  # stopped by SIGTERM, checkpoint saved
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

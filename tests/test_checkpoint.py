@@ -60,7 +60,7 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_exits_0(tmp_path):
   while not lines.empty():
     out.append(lines.get())
   stdout, stderr_text = ''.join(out), stderr_path.read_text()
-  assert rc == 0, f'exit code {rc}; stderr: {stderr_text[-3000:]}'
+  assert rc == 143, f'exit code {rc} (143: preempted, saved); stderr: {stderr_text[-3000:]}'
   assert 'Traceback' not in stderr_text
   m = re.search(r'preemption signal: saved step (\d+), exiting', stdout)
   assert m, stdout[-2000:]
