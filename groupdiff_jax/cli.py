@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -144,9 +145,15 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer('process_id', None, 'This process (multi-host, non-TPU).')
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(saves_on_sigterm: bool = False) -> None:
   """jax.distributed.initialize() when --distributed is set. Cloud TPU, SLURM and OpenMPI need
-  no other flag (JAX reads their environment); elsewhere pass the other three."""
+  no other flag (JAX reads their environment); elsewhere pass the other three.
+
+  jax.distributed installs a SIGTERM notifier for its preemption service, which catches the
+  signal and lets the process run on. Only the trainer asks it at every step (and then saves);
+  any other job (`saves_on_sigterm=False`; they resume by shards) gets the default back: SIGTERM
+  stops it.
+  """
   fv = flags.FLAGS
   if not fv.distributed:
     return
@@ -156,6 +163,8 @@ def initialize_distributed() -> None:
   if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id)
+  if not saves_on_sigterm:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _refuse_urls(dirs: Sequence[str]) -> None:

@@ -36,7 +36,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv):
   del argv
-  cli.initialize_distributed()
+  cli.initialize_distributed(saves_on_sigterm=True)  # train.py saves at the agreed step
   from groupdiff_jax import train  # pylint: disable=import-outside-toplevel
   result = train.train(FLAGS.config, FLAGS.workdir)
   if result['step'] < FLAGS.config.total_steps:  # stopped by SIGTERM, checkpoint saved

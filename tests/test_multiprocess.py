@@ -247,6 +247,30 @@ def test_two_sampling_processes_write_what_one_writes(tmp_path):
   np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
 
 
+def test_sigterm_stops_a_distributed_sampling_job(tmp_path):
+  """jax.distributed's preemption notifier would catch SIGTERM and let the job run on; a job
+  that does not save on it (sampling resumes by shards) gets the default action back."""
+  from test_sample import _save_converted  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.models import sit  # pylint: disable=import-outside-toplevel
+  cfg = sit.SiTConfig(depth=1, hidden=32, heads=2, patch=2, input_size=8, in_channels=1,
+                      num_classes=10, max_group_size=4, dtype='float32')
+  ckpt = _save_converted(str(tmp_path / 'ckpt'), cfg, 'SiT-d1h32n2/2',
+                         objective='flow_velocity', ema=True)
+  proc = _sample(str(tmp_path / 'out'), ckpt, 2, (
+      '--config.num_samples=100000', '--distributed', f'--coordinator=localhost:{_free_port()}',
+      '--num_processes=1', '--process_id=0'))
+  _wait_for(proc, 'compiled the sampler')
+  proc.send_signal(signal.SIGTERM)
+  try:
+    proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+      pytest.fail('the sampling job ran on after SIGTERM')
+  assert proc.returncode == -signal.SIGTERM
+
+
 # --- the offline jobs: each process takes a disjoint set of shards ------------------------------
 
 def _job(module, args, workdir, devices=2, process=None, port=None):
