@@ -8,7 +8,7 @@
 #   export SLICES=1                              # > 1: multislice, SLICES x ACCEL
 #   launch/tpu_pod.sh create                     # queue the request
 #   launch/tpu_pod.sh status                     # until the state is ACTIVE
-#   launch/tpu_pod.sh setup                      # this checkout + a venv on every worker
+#   launch/tpu_pod.sh setup                      # this checkout + a Python 3.11 venv everywhere
 #   launch/tpu_pod.sh mount BUCKET               # gs://BUCKET at /gcs/BUCKET on every worker
 #   launch/tpu_pod.sh train configs/sit_xl.py /gcs/BUCKET/runs/sit_xl [--config.a.b=v ...]
 #   launch/tpu_pod.sh logs train                 # follow worker 0's log (~/groupdiff_train.log)
@@ -36,6 +36,7 @@ RUNTIME=${RUNTIME:-v2-alpha-tpuv5}
 CAPACITY=${CAPACITY:-spot}
 SLICES=${SLICES:-1}
 REMOTE_DIR=${REMOTE_DIR:-groupdiff_jax}
+PYTHON=${PYTHON:-3.11}
 WHERE=(--zone "$ZONE" --project "$PROJECT")
 
 # The TPU VM nodes: TPU_NAME, or TPU_NAME-0 ... TPU_NAME-(SLICES-1) for a multislice request.
@@ -84,8 +85,10 @@ case "${1:-}" in
     for node in $(nodes); do
       gcloud compute tpus tpu-vm scp /tmp/groupdiff_jax.tgz "$node":~ "${WHERE[@]}" --worker=all
     done
+    # TPU VM images ship an older Python than jax needs: uv fetches PYTHON for the venv.
     on_all "mkdir -p $REMOTE_DIR && tar xzf groupdiff_jax.tgz -C $REMOTE_DIR && cd $REMOTE_DIR \
-      && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'" ;;
+      && python3 -m pip install -q --user uv && python3 -m uv venv -q --python $PYTHON .venv \
+      && python3 -m uv pip install -q --python .venv/bin/python -e '.[tpu]'" ;;
   mount)
     bucket=${2:?usage: $0 mount BUCKET}
     on_all "sudo mkdir -p /gcs/$bucket && sudo chown \$USER /gcs/$bucket \

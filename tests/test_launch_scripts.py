@@ -74,7 +74,7 @@ def test_tpu_pod_setup_copies_to_every_slice(tmp_path):
   calls = _run('tpu_pod.sh', ['setup'], tmp_path, {**TPU, 'SLICES': '2'}, ['gcloud'])
   assert [c.split()[4] for c in calls[:2]] == ['/tmp/groupdiff_jax.tgz'] * 2
   assert [c.split()[5] for c in calls[:2]] == ['gdiff-0:~', 'gdiff-1:~']  # the node-prefix ids
-  assert "pip install -q -e '.[tpu]'" in calls[2]
+  assert "uv pip install -q --python .venv/bin/python -e '.[tpu]'" in calls[2]
 
 
 def test_xpk_train_workload(tmp_path):
