@@ -90,3 +90,16 @@ ENTRY %main (x: (s32[], f32[4])) -> (s32[], f32[4]) {
   assert analysis.while_trips == [28]
   assert analysis.flops == 28 * 2 * 16 * 8
   assert analysis.collective_bytes['all-gather'] == 28 * 64 * 4
+
+
+def test_batched_matmul_written_as_a_padded_window_counts_one_tap_per_output():
+  # TPU's form of a 16-head batched matmul: the head axis is a spatial window of 16 over an
+  # input of size 1 padded by 15 on each side, so each output position meets one real element.
+  text = '''HloModule m
+ENTRY %main (a: bf16[1024,1152,1], b: bf16[16,72,1152]) -> bf16[1024,16,72] {
+  %a = bf16[1024,1152,1]{2,1,0} parameter(0)
+  %b = bf16[16,72,1152]{2,1,0} parameter(1)
+  ROOT %c = bf16[1024,16,72]{2,1,0} convolution(%a, %b), window={size=16 pad=15_15 rhs_reversal=1}, dim_labels=bf0_0oi->b0f
+}
+'''
+  assert hlo.analyze(text).flops == 2 * 1024 * 16 * 72 * 1152

@@ -155,18 +155,49 @@ def _contracted(inst: Instruction, shapes: dict[str, str]) -> int:
     if not lhs or not dims:
       return 0
     return math.prod(lhs[0][1][int(i)] for i in dims.group(1).split(',') if i)
-  labels = re.search(r'dim_labels=\w+_(\w+)->', inst.attrs)
-  rhs = arrays(shapes.get(inst.operands[1], '')) if len(inst.operands) > 1 else []
-  if not labels or not rhs:
+  labels = re.search(r'dim_labels=(\w+)_(\w+)->(\w+)', inst.attrs)
+  if not labels or len(inst.operands) < 2:
     return 0
-  features = math.prod(n for label, n in zip(labels.group(1), rhs[0][1]) if label == 'i')
-  # Spatial window taps. TPU writes a batched matmul's batch dims as a window of size n over an
-  # input dilated by n (lhs_dilate), so each output sees ceil(size / dilation) real taps.
-  sizes = re.search(r'\bsize=([0-9x]+)', inst.attrs)
-  dilate = re.search(r'lhs_dilate=([0-9x]+)', inst.attrs)
-  sizes = [int(v) for v in sizes.group(1).split('x')] if sizes else []
-  dilate = [int(v) for v in dilate.group(1).split('x')] if dilate else [1] * len(sizes)
-  return features * math.prod(-(-s // d) for s, d in zip(sizes, dilate))
+  lhs = arrays(shapes.get(inst.operands[0], ''))
+  rhs = arrays(shapes.get(inst.operands[1], ''))
+  out = arrays(inst.shape)
+  if not lhs or not rhs or not out:
+    return 0
+  lhs_labels, rhs_labels, out_labels = labels.groups()
+  features = math.prod(n for label, n in zip(rhs_labels, rhs[0][1]) if label == 'i')
+  taps = 1
+  for k, (size, stride, (lo, _), lhs_dilate, rhs_dilate) in enumerate(_window(inst.attrs)):
+    n = lhs[0][1][lhs_labels.index(str(k))]
+    positions = out[0][1][out_labels.index(str(k))]
+    taps *= _real_taps(n, positions, size, stride, lo, lhs_dilate, rhs_dilate) / positions
+  return features * taps
+
+
+def _window(attrs: str) -> list[tuple[int, int, tuple[int, int], int, int]]:
+  """Per spatial dimension: (size, stride, (pad low, pad high), lhs dilation, rhs dilation)."""
+  m = re.search(r'window=\{([^}]*)\}', attrs)
+  if not m:
+    return []
+  fields = dict(f.split('=', 1) for f in m.group(1).split())
+  sizes = [int(v) for v in fields['size'].split('x')]
+  def ints(key):
+    return [int(v) for v in fields[key].split('x')] if key in fields else [1] * len(sizes)
+  pads = ([tuple(int(v) for v in p.split('_')) for p in fields['pad'].split('x')]
+          if 'pad' in fields else [(0, 0)] * len(sizes))
+  return list(zip(sizes, ints('stride'), pads, ints('lhs_dilate'), ints('rhs_dilate')))
+
+
+def _real_taps(n: int, positions: int, size: int, stride: int, pad_low: int, lhs_dilate: int,
+               rhs_dilate: int) -> int:
+  """Window taps that land on real input elements, summed over the output positions. TPU writes
+  a batched matmul's batch dimension as a window over a padded or dilated input of which each
+  output sees one element: counting every tap would overstate its FLOPs by the window size."""
+  total = 0
+  for o in range(positions):
+    for j in range(size):
+      p = o * stride + j * rhs_dilate - pad_low
+      total += 0 <= p <= (n - 1) * lhs_dilate and p % lhs_dilate == 0
+  return total
 
 
 @dataclasses.dataclass
