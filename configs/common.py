@@ -30,6 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False          # rematerialise each block in the backward pass
   c.model.time_convention = 'noise_at_1'  # 'noise_at_0' for converted original SiT checkpoints
 
+  # What is learned (groupdiff_jax/diffusion/objectives.py): 'flow' (flow matching, noise at
+  # t = 1, velocity; samplers sde | euler | heun) or 'ddpm' (DiT: integer t, eps + learned
+  # variance, needs model.learn_sigma; sampler ddpm).
+  c.transport = ml_collections.ConfigDict()
+  c.transport.objective = 'flow'
+
   # GroupDiff batch. A global batch is `num_cond` conditional images in groups of cond_group_size
   # followed by unconditional (null-label) images in groups of uncond_group_size.
   #   GroupDiff-l: cond_group_size=1, uncond_group_size=N   (the released variant)
@@ -40,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.group.uncond_size = 4
   c.group.uncond_fraction = 0.1  # share of the global batch that is unconditional
   c.group.t_spread = 0.0         # delta: members' t drawn within +-delta of a shared base t
+                                 # (ddpm: +-round(delta * 1000) integer steps; 0.1 = 100 steps)
   # How partners are picked (groupdiff_jax/data/grouping.py): greedy (nearest unused of the top K,
   # the official code) | threshold (random above group.threshold, the paper) | class (same class,
   # the official query_sim=class ablation) | random (uniformly at random, ablation)
@@ -83,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   )
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = 'sde'       # sde | euler | heun
+  c.sample.sampler = 'sde'       # sde | euler | heun (objective flow) | ddpm (objective ddpm)
   c.sample.num_steps = 250
   c.sample.cfg_scale = 1.0
   c.sample.guidance_low = 0.0

@@ -8,7 +8,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from groupdiff_jax import sharding
-from groupdiff_jax.diffusion import samplers
+from groupdiff_jax.diffusion import registry
 from groupdiff_jax.train_step import Trainer, model_apply
 
 
@@ -19,18 +19,13 @@ def group_labels(num_images: int, group_size: int, num_classes: int, offset: int
 
 def make_generate_fn(trainer: Trainer, sample_cfg) -> Callable:
   """(params, noise, labels, rng) -> samples, jitted once; params stay traced arguments."""
-  kwargs = dict(sampler=sample_cfg.sampler, num_steps=sample_cfg.num_steps,
-                cfg_scale=sample_cfg.cfg_scale, guidance_low=sample_cfg.guidance_low,
-                guidance_high=sample_cfg.guidance_high,
-                cond_group_size=sample_cfg.cond_group_size,
-                uncond_group_size=sample_cfg.uncond_group_size,
-                null_label=trainer.model_cfg.num_classes,
-                guided_channels=sample_cfg.guided_channels)
+  entry = registry.SAMPLERS[sample_cfg.sampler]  # flow samplers or DDPM, by name
+  settings = registry.settings_from(sample_cfg, trainer.model_cfg.num_classes)
   apply = model_apply(trainer)
 
   @jax.jit
   def generate(params, noise, labels, rng):
-    return samplers.sample_loop(functools.partial(apply, params), noise, labels, rng, **kwargs)
+    return entry.run(functools.partial(apply, params), noise, labels, rng, settings)
 
   def run(params, noise, labels, rng):
     with sharding.use_mesh(trainer.mesh, trainer.rules):

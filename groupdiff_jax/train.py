@@ -13,6 +13,7 @@ from groupdiff_jax import (checkpoint, flops, generate, image_grid, multihost, p
                            train_step)
 from groupdiff_jax import layout as batch_layout
 from groupdiff_jax.data import pipeline
+from groupdiff_jax.diffusion import objectives
 from groupdiff_jax.metrics_writer import MetricsWriter
 
 # Fields of config.model that make two checkpoints incompatible.
@@ -41,7 +42,9 @@ def prepare_workdir(workdir: str) -> None:
 
 
 def run_meta(config: ml_collections.ConfigDict, mesh) -> dict:
+  objective = objectives.get(config.transport.objective)  # what the sampling job matches
   return {'model': config.model.to_dict(), 'time_convention': config.model.time_convention,
+          'objective': objective.checkpoint_objective,
           'mesh': {'axes': list(mesh.axis_names), 'shape': [int(s) for s in mesh.devices.shape]},
           'config': json.loads(config.to_json())}
 

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from groupdiff_jax import sharding
-from groupdiff_jax.diffusion import flow
+from groupdiff_jax.diffusion import objectives
 from groupdiff_jax.layout import BatchLayout, layout_from_config
 from groupdiff_jax.models import sit
 
@@ -45,6 +45,7 @@ class Trainer:
   graphdef: Any
   tx: optax.GradientTransformation
   layout: BatchLayout
+  objective: objectives.Flow | objectives.Ddpm  # what is learned (config.transport.objective)
   mesh: Mesh
   rules: Any
   state_shardings: State
@@ -56,6 +57,8 @@ def build(config, mesh: Mesh) -> Trainer:
   """Derives the model, optimizer and all shardings without allocating parameters."""
   model_cfg = sit.config_from(config.model)
   layout = layout_from_config(config)
+  objective = objectives.from_config(config)
+  objective.check_model(model_cfg)
   if layout.max_group_size > model_cfg.max_group_size and model_cfg.max_group_size:
     raise sit.ModelConfigError(
         f'group size {layout.max_group_size} exceeds model.max_group_size '
@@ -75,7 +78,7 @@ def build(config, mesh: Mesh) -> Trainer:
                     'opt_state': abstract_opt, 'ema': abstract_params}
   batch_sh = {'image': sharding.batch_sharding(mesh, rules, 4),
               'label': sharding.batch_sharding(mesh, rules, 1)}
-  return Trainer(model_cfg, graphdef, tx, layout, mesh, rules, state_sh, batch_sh,
+  return Trainer(model_cfg, graphdef, tx, layout, objective, mesh, rules, state_sh, batch_sh,
                  abstract_state)
 
 
@@ -100,14 +103,15 @@ def model_apply(trainer: Trainer) -> Callable:
   return apply
 
 
-def loss_fn(trainer: Trainer, params: dict, batch: dict, rng: jax.Array, t_spread: float):
-  """Flow-matching loss of a GroupDiff batch: conditional groups, then null-label groups."""
-  layout, apply = trainer.layout, model_apply(trainer)
+def loss_fn(trainer: Trainer, params: dict, batch: dict, rng: jax.Array, t_spread: float
+            ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+  """The objective's loss on a GroupDiff batch: conditional groups, then null-label groups.
+  Returns (mean loss, (per-image loss, per-image loss terms of the objective))."""
+  layout, apply, objective = trainer.layout, model_apply(trainer), trainer.objective
   x, y = batch['image'], batch['label']
-  k_time, k_noise, k_cond, k_uncond = jax.random.split(rng, 4)
-  t = flow.batch_times(k_time, layout, t_spread)
-  noise = jax.random.normal(k_noise, x.shape, jnp.float32)
-  x_t = flow.interpolate(x, noise, t)
+  k_inputs, k_cond, k_uncond = jax.random.split(rng, 3)
+  noised = objective.inputs(x, k_inputs, layout, t_spread)
+  x_t, t = noised.x_t, noised.t
   nc, null = layout.num_cond, trainer.model_cfg.num_classes
   if layout.cond_group_size == layout.uncond_group_size:  # one pass when the group sizes agree
     y = jnp.where(jnp.arange(y.shape[0]) < nc, y, null)
@@ -120,8 +124,8 @@ def loss_fn(trainer: Trainer, params: dict, batch: dict, rng: jax.Array, t_sprea
       parts.append(apply(params, x_t[nc:], t[nc:], jnp.full_like(y[nc:], null),
                          layout.uncond_group_size, k_uncond))
     pred = jnp.concatenate(parts)
-  per_image = flow.per_image_mse(pred, flow.velocity_target(x, noise))
-  return per_image.mean(), per_image
+  per_image, terms = objective.per_image_loss(pred, noised.target)
+  return per_image.mean(), (per_image, terms)
 
 
 def make_train_step(trainer: Trainer, config) -> Callable[[State, dict], tuple[State, dict]]:
@@ -133,12 +137,13 @@ def make_train_step(trainer: Trainer, config) -> Callable[[State, dict], tuple[S
     rng = jax.random.fold_in(base_key, state['step'])  # same randomness on any mesh / resume
     grad_fn = jax.value_and_grad(lambda p: loss_fn(trainer, p, batch, rng, t_spread),
                                  has_aux=True)
-    (loss, per_image), grads = grad_fn(state['params'])
+    (loss, (per_image, terms)), grads = grad_fn(state['params'])
     updates, opt_state = trainer.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state['ema'], params)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'param_norm': optax.tree.norm(params)}
+    metrics.update({f'loss_{name}': v.mean() for name, v in terms.items()})  # ddpm: mse, vb
     if trainer.layout.num_uncond:
       metrics['loss_uncond'] = per_image[trainer.layout.num_cond:].mean()
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'ema': ema}

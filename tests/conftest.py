@@ -33,14 +33,15 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.skip(reason='needs libtpu (pip install -e .[aot])'))
 
 
-def load_config(name: str = 'common'):
-  """Loads configs/NAME.py (configs/ is not a package) and returns its get_config()."""
+def load_config(name: str = 'common', arg: str | None = None):
+  """Loads configs/NAME.py (configs/ is not a package) and returns its get_config(), or
+  get_config(arg) for `--config=configs/NAME.py:arg`."""
   path = os.path.join(ROOT, 'configs', f'{name}.py')
   sys.path.insert(0, os.path.dirname(path))
   spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def tiny_config(**overrides):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from groupdiff_jax import flops, layout
-from groupdiff_jax.diffusion import flow
+from groupdiff_jax.diffusion import flow, objectives
 from groupdiff_jax.models import sit
 
 
@@ -45,7 +45,8 @@ def test_group_times_spread_within_delta():
 
 def test_batch_times_follow_the_layout():
   lay = layout.make_layout(32, 1, 4, 0.25)
-  t = np.asarray(flow.batch_times(jax.random.PRNGKey(2), lay, 0.0))
+  t = np.asarray(objectives.batch_times(
+      jax.random.PRNGKey(2), lay, lambda k, n, g: flow.group_times(k, n, g, 0.0)))
   assert t.shape == (32,)
   assert len(set(t[:lay.num_cond].tolist())) == lay.num_cond          # singles: all distinct
   groups = t[lay.num_cond:].reshape(-1, 4)

@@ -1,21 +1,19 @@
-"""Minimal DDPM for converted DiT checkpoints: the diffusion DiT (and GroupDiff-DiT) trained with.
+"""The DDPM objective DiT (and GroupDiff-DiT) train and sample with.
 
   * linear betas 1e-4 -> 0.02 over 1000 steps (scaled by 1000/T), float64 tables;
+  * integer t in [0, T); noise at t = T - 1; the model sees t as a float in [0, 999] (DiT), so
+    our model's time_convention must be 'noise_at_1' (it feeds t raw);
   * the model predicts eps (first C channels) and a variance interpolation v (last C channels,
     LEARNED_RANGE): log var = f * log(beta_t) + (1 - f) * log(posterior var), f = (v + 1) / 2;
-  * loss = MSE(eps) + VLB (the VLB sees the mean with stop-gradient and trains only the variance;
-    LossType.MSE, so it is not rescaled), per sample; decoder NLL at t = 0;
+  * loss = MSE(eps) + VLB per image: the VLB sees the mean with stop-gradient and trains only the
+    variance (DiT's LossType.MSE, so it is not rescaled); decoder NLL at t = 0;
   * ancestral sampling on a respaced grid ("250" = 250 evenly spaced of 1000 steps); the model
-    always sees the ORIGINAL integer timestep (timestep_map), as in DiT.
-Noise is at t = T - 1 (DiT convention); the model is called with float t in [0, 999].
+    always sees the ORIGINAL integer timestep (timestep_map), as in DiT. `sample_loop` adds
+    GroupDiff's group CFG: conditional groups of `cond_group_size`, a grouped unconditional pass
+    inside the guidance interval `low * 1000 <= t <= high * 1000`, guidance on eps only.
 
-Usage with a converted checkpoint (model time_convention 'noise_at_1' feeds t raw):
-  ddpm = DDPM.create()                         # training: 1000 steps
-  t = jax.random.randint(key, (n,), 0, ddpm.num_steps)
-  x_t = ddpm.q_sample(x0, t, noise); out = model(x_t, ddpm.model_t(t), y)
-  loss = ddpm.training_losses(out, x0, x_t, t, noise)['loss'].mean()
-  sampler = DDPM.create(respacing='250')
-  x0 = sampler.sample(lambda x, t: model(x, t, y), noise, key)
+The trainer reaches this module through diffusion/objectives.py ('ddpm'), the sampling job and
+the trainer's grid through the sampler registry (diffusion/registry.py, 'ddpm').
 """
 import dataclasses
 import functools
@@ -26,7 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from groupdiff_jax.diffusion.samplers import normal_noise, split_keys
+
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, model timesteps [B]) -> [B,H,W,2C]
+# (x, t [B], y [B], group_size (static), rng) -> [B,H,W,2C]: what the group-CFG sampler calls.
+GroupModelFn = Callable[[jax.Array, jax.Array, jax.Array, int, jax.Array], jax.Array]
+# (x_t, model timesteps [B], rng) -> [B,H,W,2C]: one step's (guided) output.
+_StepOutput = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def linear_betas(num_steps: int = 1000) -> np.ndarray:
@@ -50,6 +54,22 @@ def space_timesteps(num_steps: int, section_counts: str | int | Sequence[int]) -
     kept += [start + round(j * stride) for j in range(count)]
     start += size
   return sorted(set(kept))
+
+
+def group_steps(rng: jax.Array, num_images: int, group_size: int, window: int,
+                num_steps: int = 1000) -> jax.Array:
+  """Integer t for `num_images` images in contiguous groups: a shared base ~ randint[0, T) per
+  group, then each member (the first included) drawn uniformly from [base - window, base +
+  window] clipped to [0, T - 1]. window = round(t_spread * T): the paper's "100 timesteps" is
+  t_spread 0.1, as the official code's int(offset * 1000)."""
+  base_key, member_key = jax.random.split(rng)
+  base = jax.random.randint(base_key, (num_images // group_size,), 0, num_steps)
+  base = jnp.repeat(base, group_size)
+  if window <= 0 or group_size == 1:
+    return base
+  lo = jnp.maximum(base - window, 0)
+  hi = jnp.minimum(base + window, num_steps - 1)
+  return jax.random.randint(member_key, (num_images,), lo, hi + 1)
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
@@ -169,17 +189,23 @@ class DDPM:
 
   def sample(self, model_fn: ModelFn, x_T: jax.Array, rng: jax.Array) -> jax.Array:
     """Ancestral sampling from x_T (pure noise) through every step of this diffusion."""
+    return self.sample_with(lambda x, t, key: model_fn(x, t), x_T, rng)
+
+  def sample_with(self, output_fn: _StepOutput, x_T: jax.Array, rng: jax.Array) -> jax.Array:
+    """Ancestral sampling where step i calls output_fn(x, model t, key_i); `rng` may be one key
+    per image (see diffusion/samplers.py), then every draw of image i comes from its own key."""
     n = x_T.shape[0]
 
     def step(x, inputs):
       i, key = inputs
+      key_model, key_z = split_keys(key, 2)
       t = jnp.full((n,), i, jnp.int32)
-      out = model_fn(x, self.model_t(t)).astype(jnp.float32)
-      return self.p_sample(out, x, t, jax.random.normal(key, x.shape, x.dtype)), None
+      out = output_fn(x, self.model_t(t), key_model).astype(jnp.float32)
+      return self.p_sample(out, x, t, normal_noise(key_z, x.shape, x.dtype)), None
 
     steps = jnp.arange(self.num_steps - 1, -1, -1)
     x, _ = jax.lax.scan(step, x_T.astype(jnp.float32),
-                        (steps, jax.random.split(rng, self.num_steps)))
+                        (steps, split_keys(rng, self.num_steps)))
     return x
 
 
@@ -190,3 +216,39 @@ def guided_output(cond: jax.Array, uncond: jax.Array, scale: float, in_channels:
   k = guided_channels or in_channels
   guided = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
   return jnp.concatenate([guided, cond[..., k:]], axis=-1)
+
+
+def sample_loop(model_fn: GroupModelFn, noise: jax.Array, labels: jax.Array, rng: jax.Array, *,
+                num_steps: int = 250, cfg_scale: float = 1.0, guidance_low: float = 0.0,
+                guidance_high: float = 1.0, cond_group_size: int = 1,
+                uncond_group_size: int = 4, null_label: int = 1000, guided_channels: int = 0
+                ) -> jax.Array:
+  """GroupDiff-DiT sampling: `num_steps` respaced ancestral steps from `noise` (x at t = 999).
+
+  Each step runs the conditional pass (groups of cond_group_size); when cfg_scale != 1 and the
+  original step t satisfies low * 1000 <= t <= high * 1000, also the unconditional pass on the
+  same x with null labels in groups of uncond_group_size (outside the interval it is skipped,
+  not computed and discarded, so the images of a group do not interact there). Guidance acts on
+  the first `guided_channels` eps channels (0 = all, GroupDiff-DiT; 3 = DiT's legacy quirk); the
+  variance always comes from the conditional pass. Returns float32 [B, H, W, C]. Un-jitted:
+  call it inside the caller's jit.
+  """
+  diffusion = DDPM.create(respacing=str(num_steps))
+  channels = noise.shape[-1]
+  null = jnp.full_like(labels, null_label)
+
+  def output(x, t_model, key):
+    key_c, key_u = split_keys(key, 2)
+    cond = model_fn(x, t_model, labels, cond_group_size, key_c).astype(jnp.float32)
+    if cfg_scale == 1.0:
+      return cond
+
+    def guided(cond):
+      uncond = model_fn(x, t_model, null, uncond_group_size, key_u).astype(jnp.float32)
+      return guided_output(cond, uncond, cfg_scale, channels, guided_channels)
+
+    frac = t_model[0] / 1000.0  # the original DDPM step, whatever the respacing
+    inside = (frac >= guidance_low) & (frac <= guidance_high)
+    return jax.lax.cond(inside, guided, lambda c: c, cond)
+
+  return diffusion.sample_with(output, noise, rng)

@@ -1,11 +1,12 @@
 """Linear interpolant with noise at t = 1 (REPA / official GroupDiff convention) and the loss.
 
   x_t = (1 - t) x + t eps,   target velocity  d x_t / dt = eps - x,   t ~ U[0, 1).
+
+The trainer reaches it through diffusion/objectives.py ('flow'), which also lays the times out
+over a GroupDiff batch.
 """
 import jax
 import jax.numpy as jnp
-
-from groupdiff_jax.layout import BatchLayout
 
 
 def group_times(rng: jax.Array, num_images: int, group_size: int, spread: float) -> jax.Array:
@@ -20,17 +21,6 @@ def group_times(rng: jax.Array, num_images: int, group_size: int, spread: float)
   hi = jnp.minimum(base + spread, 1.0)
   t = lo + (hi - lo) * jax.random.uniform(member_key, (num_images,))
   return jnp.minimum(t, 1.0 - 1e-6)  # keep t < 1 like the base draw
-
-
-def batch_times(rng: jax.Array, layout: BatchLayout, spread: float) -> jax.Array:
-  """Times for a whole GroupDiff batch: the conditional groups, then the unconditional groups."""
-  k_cond, k_uncond = jax.random.split(rng)
-  parts = []
-  if layout.num_cond:
-    parts.append(group_times(k_cond, layout.num_cond, layout.cond_group_size, spread))
-  if layout.num_uncond:
-    parts.append(group_times(k_uncond, layout.num_uncond, layout.uncond_group_size, spread))
-  return jnp.concatenate(parts)
 
 
 def interpolate(x: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:

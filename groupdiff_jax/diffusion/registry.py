@@ -15,7 +15,6 @@ import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from groupdiff_jax.diffusion import ddpm, samplers
 
@@ -39,6 +38,15 @@ class Settings:
   last_step_size: float = 0.04
 
 
+def settings_from(s, num_classes: int) -> Settings:
+  """Settings from a `config.sample` block; the null label is the model's class count."""
+  return Settings(
+      num_steps=s.num_steps, cfg_scale=float(s.cfg_scale), guidance_low=float(s.guidance_low),
+      guidance_high=float(s.guidance_high), cond_group_size=s.cond_group_size,
+      uncond_group_size=s.uncond_group_size, guided_channels=s.guided_channels,
+      null_label=num_classes, last_step_size=float(s.get('last_step_size', 0.04)))
+
+
 class Sampler(NamedTuple):
   objective: str                       # the checkpoint objective it samples (meta['objective'])
   run: Callable[..., jax.Array]
@@ -58,32 +66,13 @@ def _flow(name: str) -> Callable[..., jax.Array]:
 
 
 def _ddpm(model_fn: ModelFn, noise, labels, keys, s: Settings) -> jax.Array:
-  """DiT's ancestral sampler on `num_steps` respaced steps, CFG on eps inside the interval
-  (in t/1000 with 1 = noise, as GroupDiff-DiT), variance and unguided channels from cond."""
-  diffusion = ddpm.DDPM.create(respacing=str(s.num_steps))
-  n, channels = noise.shape[0], noise.shape[-1]
-  null = jnp.full_like(labels, s.null_label)
-
-  def step(x, inputs):
-    i, key = inputs
-    t = jnp.full((n,), i, jnp.int32)
-    t_model = jnp.full((n,), diffusion.model_t(i), jnp.float32)
-    key_c, key_u, key_z = samplers.split_keys(key, 3)
-    out = model_fn(x, t_model, labels, s.cond_group_size, key_c).astype(jnp.float32)
-    if s.cfg_scale != 1.0:
-      def guided(cond):
-        uncond = model_fn(x, t_model, null, s.uncond_group_size, key_u).astype(jnp.float32)
-        return ddpm.guided_output(cond, uncond, s.cfg_scale, channels, s.guided_channels)
-      frac = t_model[0] / 1000.0
-      inside = (frac >= s.guidance_low) & (frac <= s.guidance_high)
-      out = jax.lax.cond(inside, guided, lambda c: c, out)
-    z = samplers.normal_noise(key_z, x.shape, x.dtype)
-    return diffusion.p_sample(out, x, t, z), None
-
-  steps = jnp.arange(diffusion.num_steps - 1, -1, -1)
-  x, _ = jax.lax.scan(step, noise.astype(jnp.float32),
-                      (steps, samplers.split_keys(keys, diffusion.num_steps)))
-  return x
+  """DiT's ancestral sampler on `num_steps` respaced steps with group CFG on eps inside the
+  interval (in t/1000 with 1 = noise, as GroupDiff-DiT), the variance from cond."""
+  return ddpm.sample_loop(
+      model_fn, noise, labels, keys, num_steps=s.num_steps, cfg_scale=s.cfg_scale,
+      guidance_low=s.guidance_low, guidance_high=s.guidance_high,
+      cond_group_size=s.cond_group_size, uncond_group_size=s.uncond_group_size,
+      null_label=s.null_label, guided_channels=s.guided_channels)
 
 
 SAMPLERS = {

@@ -66,11 +66,7 @@ def eval_group_size(s: ml_collections.ConfigDict) -> int:
 
 
 def settings(s: ml_collections.ConfigDict, num_classes: int) -> registry.Settings:
-  return registry.Settings(
-      num_steps=s.num_steps, cfg_scale=float(s.cfg_scale), guidance_low=float(s.guidance_low),
-      guidance_high=float(s.guidance_high), cond_group_size=s.cond_group_size,
-      uncond_group_size=s.uncond_group_size, guided_channels=s.guided_channels,
-      null_label=num_classes, last_step_size=float(s.last_step_size))
+  return registry.settings_from(s, num_classes)
 
 
 def check_model(config, source: weights.Source, cfg: sit.SiTConfig) -> None:
