@@ -28,11 +28,12 @@ __all__ = ['KINDS', 'ConversionError', 'convert_state_dict', 'convert_file', 'pa
 
 DIT_NOTE = (
     'DiT is a DDPM model: eps + learned variance (8 channels) over 1000 integer timesteps, noise '
-    'at t=999; the converted backbone is exact for that diffusion. Fine-tune or sample it with '
-    'groupdiff_jax.diffusion.ddpm (linear betas, eps+VLB loss, respaced ancestral sampling), '
-    'feeding integer t in [0, 999]. Under the flow-matching trainer (t in [0, 1]) it is only an '
-    'initialisation: its time embedding was trained on [0, 999] and its output is eps, not a '
-    'velocity, so expect a re-adaptation phase rather than the DiT FID.')
+    'at t=999; the converted backbone is exact for that diffusion. Fine-tune it with the DDPM '
+    'objective (configs/dit_xl.py: --config.transport.objective=ddpm) and sample it with '
+    '--config.sample.sampler=ddpm (configs/sample_dit_xl.py); docs/dit.md. Under the '
+    'flow-matching objective (t in [0, 1]) it is only an initialisation: its time embedding was '
+    'trained on [0, 999] and its output is eps, not a velocity, so expect a re-adaptation phase '
+    'rather than the DiT FID.')
 
 
 @dataclasses.dataclass(frozen=True)

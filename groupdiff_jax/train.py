@@ -126,6 +126,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'{config.init_from} records time_convention={saved_convention!r} but the config says '
           f'{config.model.time_convention!r}; pass --config.model.time_convention='
           f'{saved_convention}')
+    saved_objective = meta.get('objective')
+    if saved_objective and saved_objective != trainer.objective.checkpoint_objective:
+      # Allowed (an initialisation), but the output head means something else: say so.
+      progress.say(f'note: {config.init_from} was trained as {saved_objective}; this run trains '
+                   f'{trainer.objective.checkpoint_objective} (transport.objective='
+                   f'{trainer.objective.name}), so expect a re-adaptation phase')
     state = train_step.init_state(trainer, config.seed, params=ema if ema is not None else params)
     start_step = 0
     progress.say(f'fine-tuning from {config.init_from} '

@@ -295,7 +295,7 @@ def test_cli_converts_and_reports_flags(tmp_path):
   proc = _cli(f'--src={src}', '--kind=dit', f'--out={out}', f'--heads={HEADS}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '--config.model.name=DiT-d2h32n2/2' in proc.stdout
-  assert 'diffusion.ddpm' in proc.stdout  # the DDPM note
+  assert 'transport.objective=ddpm' in proc.stdout  # the DDPM note
   # stderr carries no Orbax INFO lines (they buried the converter's own notes)
   assert not re.search(r'^(I\d{4} |INFO:)', proc.stderr, re.M), proc.stderr[-2000:]
   model, meta = convert.load_converted(out)
