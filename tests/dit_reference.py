@@ -81,3 +81,19 @@ def run_diffusers(model, x_nhwc, t, y):
                 timestep=torch.from_numpy(np.asarray(t, np.float32)),
                 class_labels=torch.from_numpy(np.asarray(y, np.int64))).sample
   return out.numpy().transpose(0, 2, 3, 1)
+
+
+def float64_ddpm_scheduler(variance_type: str = 'learned_range'):
+  """diffusers' DDPMScheduler for DiT's schedule (linear betas 1e-4 .. 0.02, 1000 steps, eps
+  prediction, no clipping) with float64 tables: DiT builds its tables in float64, and diffusers'
+  float32 cumprod loses ~1e-4 relative near t = 0 (1 - alpha_bar ~ 1e-4), so a like-for-like
+  reference needs float64."""
+  diffusers = pytest.importorskip('diffusers', reason='the reference is diffusers')
+  sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear',
+                                  beta_start=1e-4, beta_end=0.02, variance_type=variance_type,
+                                  clip_sample=False, prediction_type='epsilon')
+  sched.betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+  sched.alphas = 1.0 - sched.betas
+  sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
+  sched.one = torch.tensor(1.0, dtype=torch.float64)
+  return sched

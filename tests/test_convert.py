@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from dit_reference import (CH, DEPTH, HEAD_DIM, HEADS, HIDDEN, PATCH, SIDE,
-                           diffusers_to_official, make_diffusers_dit, run_diffusers)
+                           diffusers_to_official, float64_ddpm_scheduler, make_diffusers_dit,
+                           run_diffusers)
 
 from groupdiff_jax import convert, convert_io, convert_keys
 from groupdiff_jax.convert_keys import ConversionError
@@ -309,16 +310,7 @@ def test_cli_converts_and_reports_flags(tmp_path):
 # --- the DDPM that converted DiT checkpoints fine-tune and sample with ------------------------
 
 def test_ddpm_step_matches_diffusers_scheduler():
-  diffusers = pytest.importorskip('diffusers', reason='needs diffusers')
-  sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear',
-                                  beta_start=1e-4, beta_end=0.02, variance_type='learned_range',
-                                  clip_sample=False, prediction_type='epsilon')
-  # DiT builds its tables in float64; diffusers' float32 cumprod loses ~1e-4 relative near t=0
-  # (1 - alpha_bar ~ 1e-4), so run the reference in float64 for a like-for-like comparison.
-  sched.betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-  sched.alphas = 1.0 - sched.betas
-  sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
-  sched.one = torch.tensor(1.0, dtype=torch.float64)
+  sched = float64_ddpm_scheduler('learned_range')
   diffusion = ddpm.DDPM.create()
   rng = np.random.default_rng(0)
   for t in (999, 500, 37, 1):

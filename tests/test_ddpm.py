@@ -96,16 +96,9 @@ def test_hybrid_loss_matches_float64_numpy_on_fixed_inputs():
 
 
 def test_q_sample_and_posterior_match_diffusers_scheduler():
-  diffusers = pytest.importorskip('diffusers', reason='needs diffusers')
-  torch = pytest.importorskip('torch')
-  sched = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule='linear', beta_start=1e-4,
-                                  beta_end=0.02, variance_type='fixed_small', clip_sample=False)
-  # DiT's tables are float64 (diffusers' float32 cumprod drifts ~1e-4 near t = 0): compare like
-  # for like by giving diffusers float64 tables of its own schedule.
-  sched.betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
-  sched.alphas = 1.0 - sched.betas
-  sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
-  sched.one = torch.tensor(1.0, dtype=torch.float64)
+  torch = pytest.importorskip('torch', reason='the diffusers reference needs torch')
+  from dit_reference import float64_ddpm_scheduler  # pylint: disable=import-outside-toplevel
+  sched = float64_ddpm_scheduler('fixed_small')
   diffusion = ddpm.DDPM.create()
   rng = np.random.default_rng(1)
   x0 = rng.standard_normal((4, 2, 2, 4))

@@ -13,15 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dit_reference import CH, HEADS, SIDE, diffusers_to_official, make_diffusers_dit
+from dit_reference import (CH, HEADS, SIDE, diffusers_to_official, float64_ddpm_scheduler,
+                           make_diffusers_dit)
 
 from groupdiff_jax import convert
 from groupdiff_jax.diffusion import ddpm, registry, samplers
 from groupdiff_jax.models import sit
 
 torch = pytest.importorskip('torch', reason='the diffusers reference needs torch')
-diffusers = pytest.importorskip('diffusers', reason='the reference is diffusers')
-ddpm_module = pytest.importorskip('diffusers.schedulers.scheduling_ddpm')
+ddpm_module = pytest.importorskip('diffusers.schedulers.scheduling_ddpm',
+                                  reason='the reference is diffusers')
 
 BATCH, NULL = 4, 1000
 
@@ -71,14 +72,7 @@ def reference(ref, noise, labels, zs, num_steps, cfg_scale, guided_channels, mon
               max_steps=None):
   """DiTPipeline's loop with DiT's learned-range DDPM scheduler and our step noises `zs`, for
   the first `max_steps` steps (all by default). NHWC in and out."""
-  sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule='linear',
-                                  beta_start=1e-4, beta_end=0.02, variance_type='learned_range',
-                                  clip_sample=False, prediction_type='epsilon')
-  # DiT's tables are float64 (diffusers' float32 cumprod drifts ~1e-4 near t = 0).
-  sched.betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-  sched.alphas = 1.0 - sched.betas
-  sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
-  sched.one = torch.tensor(1.0, dtype=torch.float64)
+  sched = float64_ddpm_scheduler('learned_range')
   sched.set_timesteps(timesteps=dit_grid(num_steps)[::-1])
   queue = [torch.from_numpy(np.array(z.transpose(0, 3, 1, 2))).double() for z in zs]
   monkeypatch.setattr(ddpm_module, 'randn_tensor', lambda *a, **k: queue.pop(0))
