@@ -244,3 +244,17 @@ def test_guidance_interval_in_integer_steps():
   plain = run_sampler(cond, n, labels, num_steps=20)
   assert np.abs(inside - plain).max() > 1e-2  # guidance did act above t = 500
   assert np.isnan(run_sampler(model_fn, n, labels, guidance_low=0.4, **kw)).any()
+
+
+@pytest.mark.parametrize('name', ['flow', 'ddpm'])
+def test_draws_follow_the_image_not_the_row_order(name):
+  """A batch in another row order (rows[r] = layout index of row r, as a shard order) gets
+  exactly the same t, noise and x_t per image."""
+  lay = batch_layout.make_layout(32, 1, 4, 0.25)
+  x = jax.random.normal(jax.random.PRNGKey(5), (32, 2, 2, 4))
+  rows = np.random.default_rng(0).permutation(32)
+  objective = objectives.get(name)
+  plain = objective.inputs(x, jax.random.PRNGKey(6), lay, 0.1)
+  shuffled = objective.inputs(x[rows], jax.random.PRNGKey(6), lay, 0.1, rows)
+  np.testing.assert_array_equal(shuffled.t, plain.t[rows])
+  np.testing.assert_array_equal(shuffled.x_t, plain.x_t[rows])

@@ -6,11 +6,13 @@
 The train step uses an objective in three moves, so the model call in between is the step's own
 (one call over the whole GroupDiff batch, or one per branch) and is the same for every objective:
 
-  noised = objective.inputs(x, rng, layout, t_spread)    # x_t, the model's t, the loss's state
+  noised = objective.inputs(x, rng, layout, t_spread, rows)  # x_t, model t, the loss's state
   pred = model(noised.x_t, noised.t, labels, ...)
   per_image, terms = objective.per_image_loss(pred, noised.target)
 
-What is shared by construction: the batch layout (conditional groups, then unconditional groups,
+`rows[r]` is the layout index of batch row r (a batch in shard order; default: layout order).
+Times are drawn per group in layout order and noise per layout index, so an image gets the same
+draws whatever the row order or the mesh. What is shared by construction: the batch layout (conditional groups, then unconditional groups,
 members contiguous) and the group time spread (one base time per group, members within +-spread
 of it; DDPM in integer steps, window round(spread * 1000)). Each objective also names the sampler
 family that samples its checkpoints (diffusion/registry.py) and the `objective` string its
@@ -22,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from groupdiff_jax.diffusion import ddpm, flow, registry
 from groupdiff_jax.layout import BatchLayout
@@ -53,6 +56,22 @@ def batch_times(rng: jax.Array, layout: BatchLayout, group_times: GroupTimes) ->
   return jnp.concatenate(parts)
 
 
+def row_noise(rng: jax.Array, rows: np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+  """Standard normal noise per batch row, keyed by the row's layout index: the same image gets
+  the same noise on any mesh (whatever the row order), and each device draws only its rows."""
+  keys = jax.vmap(lambda r: jax.random.fold_in(rng, r))(jnp.asarray(rows, jnp.int32))
+  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def _draws(x: jax.Array, rng: jax.Array, layout: BatchLayout, rows: np.ndarray | None,
+           group_times: GroupTimes) -> tuple[jax.Array, jax.Array]:
+  """(t, noise) of every batch row: times per group in layout order, noise per layout index."""
+  rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows)
+  k_time, k_noise = jax.random.split(rng)
+  t = batch_times(k_time, layout, group_times)[rows]
+  return t, row_noise(k_noise, rows, x.shape[1:])
+
+
 @dataclasses.dataclass(frozen=True)
 class Flow:
   """Flow matching (REPA / GroupDiff-SiT): x_t = (1 - t) x + t eps, v = eps - x, t ~ U[0, 1)."""
@@ -63,11 +82,10 @@ class Flow:
   def check_model(self, model_cfg) -> None:
     del model_cfg  # any head: learned-sigma channels simply get no loss
 
-  def inputs(self, x: jax.Array, rng: jax.Array, layout: BatchLayout, t_spread: float
-             ) -> Noised:
-    k_time, k_noise = jax.random.split(rng)
-    t = batch_times(k_time, layout, lambda k, n, g: flow.group_times(k, n, g, t_spread))
-    noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+  def inputs(self, x: jax.Array, rng: jax.Array, layout: BatchLayout, t_spread: float,
+             rows: np.ndarray | None = None) -> Noised:
+    t, noise = _draws(x, rng, layout, rows,
+                      lambda k, n, g: flow.group_times(k, n, g, t_spread))
     return Noised(flow.interpolate(x, noise, t), t, flow.velocity_target(x, noise))
 
   def per_image_loss(self, pred: jax.Array, target: jax.Array
@@ -102,13 +120,11 @@ class Ddpm:
       raise ObjectiveError('the ddpm objective feeds integer t raw: set '
                            "--config.model.time_convention=noise_at_1")
 
-  def inputs(self, x: jax.Array, rng: jax.Array, layout: BatchLayout, t_spread: float
-             ) -> Noised:
-    k_time, k_noise = jax.random.split(rng)
+  def inputs(self, x: jax.Array, rng: jax.Array, layout: BatchLayout, t_spread: float,
+             rows: np.ndarray | None = None) -> Noised:
     window = int(round(t_spread * self.num_steps))
-    t = batch_times(k_time, layout,
-                    lambda k, n, g: ddpm.group_steps(k, n, g, window, self.num_steps))
-    noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+    t, noise = _draws(x, rng, layout, rows,
+                      lambda k, n, g: ddpm.group_steps(k, n, g, window, self.num_steps))
     diffusion = self.diffusion
     x_t = diffusion.q_sample(x.astype(jnp.float32), t, noise)
     return Noised(x_t, diffusion.model_t(t), DdpmTarget(x.astype(jnp.float32), x_t, t, noise))
