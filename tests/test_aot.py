@@ -7,6 +7,7 @@ import jax
 import pytest
 from conftest import tiny_config
 
+from groupdiff_jax import sharding, train_step
 from groupdiff_jax.compilation import aot_run, report, topology
 
 pytestmark = pytest.mark.aot
@@ -22,9 +23,8 @@ def measured():
   lines = []
   numbers = aot_run.check(config, slice_, say=lines.append)
   params = sum(math.prod(p.shape) for p in jax.tree.leaves(
-      aot_run.programs.train_step.build(
-          config, aot_run.sharding.mesh_from_config(config, topology.devices(slice_))
-      ).abstract_state['params']))
+      train_step.build(config, sharding.mesh_from_config(config, topology.devices(slice_)))
+      .abstract_state['params']))
   return {n.program: n for n in numbers}, params, lines
 
 

@@ -103,3 +103,13 @@ ENTRY %main (a: bf16[1024,1152,1], b: bf16[16,72,1152]) -> bf16[1024,16,72] {
 }
 '''
   assert hlo.analyze(text).flops == 2 * 1024 * 16 * 72 * 1152
+
+
+def test_a_program_xla_cannot_fit_is_reported_with_its_temporaries():
+  from groupdiff_jax.compilation import report  # pylint: disable=import-outside-toplevel
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+             'temporaries (22.30G) exceeds available HBM (15.75G).\nmore detail')
+  n = report.out_of_memory('train step', topology.parse('v5e-256'), message, None, 0.4)
+  assert not n.fits and n.temporaries == pytest.approx(22.30 * 2**30)
+  assert report.lines(n) == [f'train step: DOES NOT FIT, XLA: {message.splitlines()[0]}']
+  assert report.table_row('v5e', n)['GiB/chip'] == 'OOM: temporaries alone 22.3'
