@@ -1,0 +1,274 @@
+"""This project against PyTorch on the same CPU, in one process, interleaved.
+
+Each case builds a jax callable (the project's jitted train step / model / sampler, compiled ahead
+of time) and the same work in PyTorch (benchmarking/torch_dit.py: diffusers' DiT with group
+attention), eager and optionally torch.compile'd. After one warm-up call of each, the callables
+run in turn, jax, torch eager, torch.compile, jax, ..., `reps` times, so a change in the
+machine's load hits every column alike; the table reports medians, and compile times apart.
+"""
+import dataclasses
+import importlib.util
+import os
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from groupdiff_jax import progress, samplers, sharding, train_step
+from groupdiff_jax.models import sit
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  kind: str          # train | forward | sample
+  model: str         # SiT-S/2, ...
+  batch: int
+  group: int         # train / sample: unconditional group size (GroupDiff-l); forward: all rows
+  input_size: int = 32
+  channels: int = 4
+  steps: int = 50    # sample: SDE steps
+
+  @property
+  def name(self) -> str:
+    what = {'train': 'train step', 'forward': 'forward', 'sample': f'SDE {self.steps} steps CFG'}
+    group = ('GroupDiff-l N=%d' if self.kind != 'forward' else 'N=%d') % self.group
+    if self.kind == 'train' and self.group == 1:
+      group = 'N=1'
+    return (f'{what[self.kind]} {self.model} {self.input_size}x{self.input_size} '
+            f'b{self.batch} {group}')
+
+
+# The issue's table (SiT-B/2 forwards at batch 16 to keep the whole run near 5 minutes on two
+# cores), plus the SDE sampler with CFG and unconditional groups of 4 on 16x16 latents.
+CASES = (
+    Case('train', 'SiT-S/2', 16, 1),
+    Case('train', 'SiT-S/2', 16, 4),
+    Case('forward', 'SiT-S/2', 32, 1),
+    Case('forward', 'SiT-S/2', 32, 4),
+    Case('forward', 'SiT-B/2', 16, 1),
+    Case('forward', 'SiT-B/2', 16, 4),
+    Case('sample', 'SiT-S/2', 8, 4, input_size=16),
+)
+NUM_CLASSES = 1000
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """configs/common.py: the optimizer, EMA and mesh defaults every trainer config starts from."""
+  path = os.path.join(os.path.dirname(__file__), '..', '..', 'configs', 'common.py')
+  spec = importlib.util.spec_from_file_location('_vs_torch_common_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def shrink(case: Case, model: str, input_size: int, batch: int, steps: int) -> Case:
+  """The case on another model/size (tests and smoke runs use a tiny model); 0/'' keep."""
+  return dataclasses.replace(case, model=model or case.model,
+                             input_size=input_size or case.input_size,
+                             batch=batch or case.batch, steps=steps or case.steps)
+
+
+@dataclasses.dataclass
+class Side:
+  """One column: a callable doing one unit of timed work (blocking), and its compile seconds."""
+  name: str
+  run: Callable[[], None]
+  compile_s: float
+
+
+# --- jax -------------------------------------------------------------------------------------------
+
+def _jax_config(base: ml_collections.ConfigDict, case: Case) -> ml_collections.ConfigDict:
+  c = base.copy_and_resolve_references()
+  with c.unlocked():
+    c.model.name, c.model.input_size, c.model.in_channels = case.model, case.input_size, case.channels
+    c.model.num_classes, c.model.dtype, c.model.attention = NUM_CLASSES, 'float32', 'auto'
+    c.model.max_group_size = max(4, case.group)
+    c.data.global_batch = case.batch
+    c.group.cond_size, c.group.uncond_size = 1, case.group
+    c.mesh.shape = (1, 1, 1)
+  return c
+
+
+def _timed_compile(lowered) -> tuple[Callable, float]:
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - t0
+
+
+def jax_train(base, case: Case) -> Side:
+  config = _jax_config(base, case)
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape, jax.devices()[:1])
+  trainer = train_step.build(config, mesh)
+  state = train_step.init_state(trainer, config.seed)
+  step = train_step.make_train_step(trainer, config)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put({
+      'image': rng.standard_normal((case.batch, case.input_size, case.input_size, case.channels),
+                                   np.float32),
+      'label': rng.integers(0, NUM_CLASSES, case.batch, dtype=np.int32)}, trainer.batch_shardings)
+  t0 = time.perf_counter()
+  compiled = step.compile(state, batch)
+  compile_s = time.perf_counter() - t0
+  holder = {'state': state}
+
+  def run():
+    holder['state'], metrics = compiled(holder['state'], batch)  # the state is donated
+    jax.block_until_ready(metrics)
+
+  return Side('jax', run, compile_s)
+
+
+def _jax_model(base, case: Case):
+  config = _jax_config(base, case)
+  cfg = sit.config_from(config.model)
+  graphdef, params = nnx_split_params(cfg)
+  return cfg, graphdef, params
+
+
+def nnx_split_params(cfg: sit.SiTConfig):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  model = sit.create(cfg)
+  graphdef, state = nnx.split(model)
+  return graphdef, jax.device_put(nnx.to_pure_dict(state), jax.devices()[0])
+
+
+def jax_forward(base, case: Case) -> Side:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg, graphdef, params = _jax_model(base, case)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((case.batch, case.input_size, case.input_size,
+                                       case.channels), np.float32))
+  t = jnp.asarray(rng.uniform(size=case.batch).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, NUM_CLASSES, case.batch, dtype=np.int32))
+  key = jax.random.PRNGKey(0)
+
+  def apply(params, x, t, y, key):
+    return nnx.merge(graphdef, params)(x, t, y, group_size=case.group, rng=key)
+
+  compiled, compile_s = _timed_compile(jax.jit(apply).lower(params, x, t, y, key))
+  return Side('jax', lambda: jax.block_until_ready(compiled(params, x, t, y, key)), compile_s)
+
+
+# The paper's sampling settings (configs/sample_sit_xl.py) but the number of steps.
+SAMPLE_SETTINGS = dict(cfg_scale=2.585, guidance_low=0.25,
+                       guidance_high=0.75, guided_channels=3, last_step_size=0.04)
+
+
+def jax_sample(base, case: Case, settings: dict) -> Side:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  cfg, graphdef, params = _jax_model(base, case)
+  rng = np.random.default_rng(0)
+  noise = jnp.asarray(rng.standard_normal((case.batch, case.input_size, case.input_size,
+                                           case.channels), np.float32))
+  labels = jnp.asarray(np.arange(case.batch) // case.group % NUM_CLASSES, jnp.int32)
+
+  def run(params, noise, labels, key):
+    def velocity(x, t, y, group_size, rng):
+      return nnx.merge(graphdef, params)(x, t, y, group_size=group_size, rng=rng)
+    return samplers.sample_loop(velocity, noise, labels, key, sampler='sde', cond_group_size=1,
+                                uncond_group_size=case.group, null_label=cfg.num_classes,
+                                **settings)
+
+  key = jax.random.PRNGKey(0)
+  compiled, compile_s = _timed_compile(jax.jit(run).lower(params, noise, labels, key))
+  return Side('jax', lambda: jax.block_until_ready(compiled(params, noise, labels, key)),
+              compile_s)
+
+
+# --- torch -----------------------------------------------------------------------------------------
+
+def torch_sides(base, case: Case, compiled: bool, settings: dict) -> list[Side]:
+  """The eager column, and the torch.compile column when `compiled` (its compile time is the
+  first call's time minus an eager call's)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.benchmarking import torch_dit  # pylint: disable=import-outside-toplevel
+  _, depth, hidden, heads, patch = sit.parse_name(case.model)
+  x, t, y = torch_dit.random_inputs(case.batch, case.channels, case.input_size, NUM_CLASSES)
+  sides = []
+  for name in ('torch eager', 'torch.compile') if compiled else ('torch eager',):
+    model = torch_dit.build(depth, hidden, heads, patch, case.input_size, case.channels,
+                            NUM_CLASSES)
+    use_compile = name == 'torch.compile'
+    if case.kind == 'train':
+      o = base.optim
+      step = torch_dit.make_train_step(
+          model, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay,
+          grad_clip=o.grad_clip, ema_decay=o.ema_decay, compiled=use_compile)
+      layout = _layout(base, case)
+      labels = y.clone()
+      labels[layout.num_cond:] = NUM_CLASSES  # the unconditional part gets the null label
+      groups = torch_dit.Groups(layout.num_cond, 1, case.group)
+      run = lambda step=step, labels=labels, groups=groups: step(x, labels, groups)
+    elif case.kind == 'forward':
+      fwd = torch_dit.make_forward(model, use_compile)
+      groups = torch_dit.Groups(case.batch, case.group, case.group)
+      run = lambda fwd=fwd, groups=groups: fwd(x, t, y, groups)
+    else:
+      if use_compile:
+        continue  # the plain loop is the reference; a compiled sampler is not part of the case
+      sample = torch_dit.make_sampler(model, cond_group=1, uncond_group=case.group,
+                                      null_label=NUM_CLASSES, **settings)
+      labels = torch.arange(case.batch) // case.group % NUM_CLASSES
+      run = lambda sample=sample, labels=labels: sample(x, labels)
+    compile_s = 0.0
+    if use_compile:
+      t0 = time.perf_counter()
+      run()
+      compile_s = time.perf_counter() - t0
+    sides.append(Side(name, run, compile_s))
+  return sides
+
+
+def _layout(base, case: Case):
+  return train_step.layout_from_config(_jax_config(base, case))
+
+
+# --- the interleaved run ---------------------------------------------------------------------------
+
+def time_case(sides: list[Side], reps: int) -> list[float]:
+  """Median seconds per call of each side: one warm-up call each, then `reps` rounds in turn."""
+  for side in sides:
+    side.run()
+  times = [[] for _ in sides]
+  for _ in range(reps):
+    for side, ts in zip(sides, times):
+      t0 = time.perf_counter()
+      side.run()
+      ts.append(time.perf_counter() - t0)
+  return [statistics.median(ts) for ts in times]
+
+
+def run_cases(base, cases: list[Case], reps: int, torch_compile: bool) -> list[dict]:
+  rows = []
+  bar = progress.Progress('vs_torch', total=len(cases), unit='cases', every_s=0.0)
+  for case in cases:
+    settings = dict(SAMPLE_SETTINGS, num_steps=case.steps)
+    if case.kind == 'train':
+      jax_side = jax_train(base, case)
+    elif case.kind == 'forward':
+      jax_side = jax_forward(base, case)
+    else:
+      jax_side = jax_sample(base, case, settings)
+    sides = [jax_side] + torch_sides(base, case, torch_compile, settings)
+    medians = time_case(sides, reps)
+    rate = {s.name: case.batch / m for s, m in zip(sides, medians)}
+    row = {'case': case.name, 'torch eager img/s': rate['torch eager']}
+    if torch_compile:  # the sampler has no compiled column
+      row['torch.compile img/s'] = rate.get('torch.compile', 'n/a')
+    row.update({'jax img/s': rate['jax'], 'jax / eager': rate['jax'] / rate['torch eager'],
+                'jax compile s': jax_side.compile_s})
+    if torch_compile:
+      row['torch.compile s'] = sides[-1].compile_s if 'torch.compile' in rate else 'n/a'
+    row['load'] = f'{os.getloadavg()[0]:.1f}'
+    rows.append(row)
+    bar.update(1, f'{case.name}: jax / eager {row["jax / eager"]:.2f}x')
+  return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+  progress.print_table(rows, '.2f')
