@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from groupdiff_jax import progress, samplers, sharding, train_step
+from groupdiff_jax import progress, sharding, train_step
+from groupdiff_jax.diffusion import samplers
 from groupdiff_jax.models import sit
 
 
