@@ -1,16 +1,17 @@
 """The DiT configs (configs/dit_xl.py, dit_xl_table1.py rows, sample_dit_xl.py) build a DDPM
-trainer as documented; dit_xl trains a step and samples its grid with the DDPM sampler, on a
-tiny model override."""
+trainer as documented; dit_xl trains, writes its grid with the DDPM sampler, and the sampling job
+samples its checkpoint; all on a tiny model override."""
 import math
+import os
 
 import jax
 import numpy as np
 import pytest
 from conftest import apply_overrides, load_config
 
-from groupdiff_jax import generate, sharding, train, train_step
+from groupdiff_jax import cli, sharding, train, train_step
 from groupdiff_jax.data import pipeline
-from groupdiff_jax.diffusion import registry
+from groupdiff_jax.sampling import job, shards
 
 ROWS = ('baseline', 'uc2', 'uc4', 'uc8', 'uc16', 'random', 'class', 'spread100')
 TINY = {'model.name': 'DiT-d2h32n2/2', 'model.input_size': 8, 'model.num_classes': 10,
@@ -62,20 +63,35 @@ def one_step(c):
   return trainer, state, jax.device_get(metrics)
 
 
-def test_dit_xl_trains_a_step_and_samples_with_ddpm():
-  c = tiny('dit_xl')
-  c.sample.num_steps = 4
-  trainer, state, metrics = one_step(c)
-  assert math.isfinite(metrics['loss'])
+def test_dit_xl_trains_and_its_checkpoint_samples_with_ddpm(tmp_path, monkeypatch):
+  """configs/dit_xl.py (tiny, pixel space) trains 2 steps and writes its end-of-run grid with the
+  DDPM sampler; the sampling job (configs/sample_dit_xl.py) then samples the checkpoint, whose
+  meta says it is a DDPM model, and refuses a flow sampler for it."""
+  monkeypatch.setattr(sharding, 'mesh_from_config',  # one device: the fastest compile
+                      lambda c, devices=None: sharding.make_mesh(c.mesh.axes, c.mesh.shape,
+                                                                 jax.devices()[:1]))
+  c = apply_overrides(tiny('dit_xl'), {
+      'model.in_channels': 1, 'total_steps': 2, 'ckpt_every_steps': 2, 'log_every_steps': 1,
+      'mesh.shape': (1, 1, 1), 'sample.num_steps': 4, 'sample.num_images': 8,
+      'sample.write_grid': True})
+  workdir = str(tmp_path / 'run')
+  final = train.train(c, workdir)
+  assert math.isfinite(final['loss'])
   # The hybrid loss: eps-MSE ~ 1 for a fresh model, the VLB small and positive.
-  assert metrics['loss'] == pytest.approx(metrics['loss_mse'] + metrics['loss_vb'], rel=1e-5)
-  assert 0 < metrics['loss_vb'] < metrics['loss_mse']
-  # The checkpoint records the objective the sampling job matches against its sampler.
-  meta = train.run_meta(c, trainer.mesh)
-  assert meta['objective'] == registry.SAMPLERS['ddpm'].objective == registry.DDPM_EPS
-  images, labels = generate.generate_images(trainer, c.sample, state['ema'], 8, seed=0)
-  assert images.shape == (8, 8, 8, 4) and np.isfinite(images).all()
-  np.testing.assert_array_equal(labels, np.arange(8) // 4)  # groups of 4 share a class
+  assert final['loss'] == pytest.approx(final['loss_mse'] + final['loss_vb'], rel=1e-5)
+  assert 0 < final['loss_vb'] < final['loss_mse']
+  assert os.path.isfile(os.path.join(workdir, 'samples_step2.png'))
+
+  s = apply_overrides(load_config('sample_dit_xl'), {
+      'ckpt': workdir, 'num_samples': 20, 'shard_size': 4, 'batch_size': 4,
+      'precision': 'float32', 'grid_images': 8, 'sample.num_steps': 4})
+  result = job.run(s, str(tmp_path / 'samples'))
+  assert result['sampled'] == result['num_shards'] > 0
+  with np.load(str(tmp_path / 'samples' / shards.MERGED)) as merged:
+    assert merged['arr_0'].shape == (20, 8, 8, 1)
+  s.sample.sampler = 'sde'
+  with pytest.raises(cli.UserError, match='samples flow_velocity models.*use ddpm'):
+    job.run(s, str(tmp_path / 'samples_sde'))
 
 
 @pytest.mark.slow
