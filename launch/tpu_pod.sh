@@ -39,9 +39,9 @@ REMOTE_DIR=${REMOTE_DIR:-groupdiff_jax}
 PYTHON=${PYTHON:-3.11}
 WHERE=(--zone "$ZONE" --project "$PROJECT")
 
-# The TPU VM nodes: TPU_NAME, or TPU_NAME-0 ... TPU_NAME-(SLICES-1) for a multislice request.
-nodes() {
-  if (( SLICES > 1 )); then seq -f "$TPU_NAME-%g" 0 $((SLICES - 1)); else echo "$TPU_NAME"; fi
+# The first slice's TPU VM: TPU_NAME, or TPU_NAME-0 in a multislice request (node-prefix).
+first_node() {
+  if (( SLICES > 1 )); then echo "$TPU_NAME-0"; else echo "$TPU_NAME"; fi
 }
 
 # Runs a shell command on every worker of every slice.
@@ -52,7 +52,7 @@ on_all() {
 
 # Runs a shell command on worker 0 of the first slice.
 on_first() {
-  gcloud compute tpus tpu-vm ssh "$(nodes | head -n 1)" "${WHERE[@]}" --worker=0 --command "$1"
+  gcloud compute tpus tpu-vm ssh "$(first_node)" "${WHERE[@]}" --worker=0 --command "$1"
 }
 
 # Starts `python -m groupdiff_jax.MODULE ARGS` in the background (on_all or on_first), logging
@@ -82,9 +82,8 @@ case "${1:-}" in
       --format='value(state.state)' ;;
   setup)
     tar czf /tmp/groupdiff_jax.tgz --exclude=.git --exclude=.venv --exclude=workdirs .
-    for node in $(nodes); do
-      gcloud compute tpus tpu-vm scp /tmp/groupdiff_jax.tgz "$node":~ "${WHERE[@]}" --worker=all
-    done
+    gcloud compute tpus queued-resources scp /tmp/groupdiff_jax.tgz "$TPU_NAME": "${WHERE[@]}" \
+      --node=all --worker=all
     # TPU VM images ship an older Python than jax needs: uv fetches PYTHON for the venv.
     on_all "mkdir -p $REMOTE_DIR && tar xzf groupdiff_jax.tgz -C $REMOTE_DIR && cd $REMOTE_DIR \
       && python3 -m pip install -q --user uv && python3 -m uv venv -q --python $PYTHON .venv \

@@ -70,11 +70,15 @@ def test_tpu_pod_multislice_create_and_train(tmp_path):
                    '> ~/groupdiff_train.log 2>&1 < /dev/null & echo $! > ~/groupdiff_train.pid']
 
 
-def test_tpu_pod_setup_copies_to_every_slice(tmp_path):
+def test_tpu_pod_setup_and_logs_of_a_multislice_resource(tmp_path):
   calls = _run('tpu_pod.sh', ['setup'], tmp_path, {**TPU, 'SLICES': '2'}, ['gcloud'])
-  assert [c.split()[4] for c in calls[:2]] == ['/tmp/groupdiff_jax.tgz'] * 2
-  assert [c.split()[5] for c in calls[:2]] == ['gdiff-0:~', 'gdiff-1:~']  # the node-prefix ids
-  assert "uv pip install -q --python .venv/bin/python -e '.[tpu]'" in calls[2]
+  assert calls[0] == ('compute tpus queued-resources scp /tmp/groupdiff_jax.tgz gdiff: --zone '
+                      'us-east5-a --project proj --node=all --worker=all')
+  assert calls[1].startswith('compute tpus queued-resources ssh gdiff ')
+  assert "uv pip install -q --python .venv/bin/python -e '.[tpu]'" in calls[1]
+  calls = _run('tpu_pod.sh', ['logs', 'sample'], tmp_path / 'l', {**TPU, 'SLICES': '2'}, ['gcloud'])
+  assert calls == ['compute tpus tpu-vm ssh gdiff-0 --zone us-east5-a --project proj --worker=0 '
+                   '--command tail -n 100 -f ~/groupdiff_sample.log']  # slice 0 (node-prefix)
 
 
 def test_xpk_train_workload(tmp_path):
