@@ -122,3 +122,27 @@ def test_slurm_job_flags_exist(tmp_path, job, config, extra):
   assert calls[0].startswith(f'python -m groupdiff_jax.{module} ')
   assert ('--distributed' in calls[0].split()) == (job != 'neighbors')
   assert not os.path.exists(tmp_path / 'work')  # parsed only: nothing ran
+
+
+@pytest.mark.parametrize('status,requeued', [(143, True), (0, False), (1, False)])
+def test_slurm_requeues_a_preempted_training_job(tmp_path, status, requeued):
+  """143 (saved on SIGTERM, not finished) requeues the job; success or a crash does not."""
+  log = tmp_path / 'calls.log'
+  _fake_tools(str(tmp_path / 'bin'), str(log), ['srun'], body=f'exit {status}')
+  _fake_tools(str(tmp_path / 'bin'), str(log), ['scontrol'])
+  proc = subprocess.run(['bash', os.path.join(ROOT, 'launch', 'gpu_slurm.sbatch'),
+                         'configs/sit_xl.py', str(tmp_path / 'run')], cwd=ROOT,
+                        env=dict(os.environ, PATH=f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+                                 SLURM_JOB_ID='4242'),
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == status
+  calls = log.read_text().splitlines() if log.exists() else []
+  assert calls == (['requeue 4242'] if requeued else [])
+
+
+def test_xpk_cluster_with_a_reservation(tmp_path):
+  calls = _run('gke_xpk.sh', ['cluster'], tmp_path,
+               {'CLUSTER': 'c', 'PROJECT': 'p', 'ZONE': 'z', 'TPU_TYPE': 'v5p-128', 'SLICES': '4',
+                'CAPACITY': '--reservation=res-1'}, ['xpk'])
+  assert calls == ['cluster create --cluster c --project p --zone z --tpu-type v5p-128 '
+                   '--num-slices 4 --reservation=res-1']
