@@ -1,7 +1,16 @@
-"""Two local CPU processes x 4 devices (jax.distributed, gloo collectives) train like one process
-x 8 devices: the same loss at every step and the same EMA parameters at the end, up to float
-summation order; processes with different configs stop before any step; two sampling processes
-split the shards and merge to what one process writes."""
+"""Real local processes (jax.distributed with a localhost coordinator on a free port, gloo
+collectives, every process killed when one fails or time runs out) against one process:
+
+- 2 x 4 CPU devices train like 1 x 8: the same loss at every step and the same parameters at the
+  end, up to float summation order (synthetic GroupDiff-l; digits GroupDiff-f in the preemption
+  test); the global batch, gathered from both processes, is the plan in layout order on a
+  permuted mesh (tests/multiprocess_batches.py);
+- SIGTERM to one of 2 processes: both save the same step and exit 143; resumes on 1 process
+  (saved by 2), on 2 (saved by 1) and on 2 (saved by 2) equal one uninterrupted run;
+- processes with different configs stop before any step;
+- sample, encode and embed: each process takes a disjoint set of shards and the files equal a
+  single-process run's; SIGTERM stops a distributed sampling job.
+"""
 import json
 import os
 import re
