@@ -1,9 +1,14 @@
 """AOT machinery that needs no libtpu: TPU slice names, and the trip-count-weighted HLO analysis
 on a program compiled for the 8 CPU devices."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from groupdiff_jax.compilation import hlo, topology
@@ -113,3 +118,16 @@ def test_a_program_xla_cannot_fit_is_reported_with_its_temporaries():
   assert not n.fits and n.temporaries == pytest.approx(22.30 * 2**30)
   assert report.lines(n) == [f'train step: DOES NOT FIT, XLA: {message.splitlines()[0]}']
   assert report.table_row('v5e', n)['GiB/chip'] == 'OOM: temporaries alone 22.3'
+
+
+@pytest.mark.parametrize('topology_name, message', [
+    ('v9-8', "unknown TPU generation 'v9'"), ('v5p-6', 'power of two')])
+def test_aot_job_answers_a_bad_slice_name_with_one_line(topology_name, message, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'groupdiff_jax.aot', '--config=configs/sit_xl.py',
+       f'--topology={topology_name}', f'--hlo_dir={tmp_path}/hlo'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr[-2000:]
+  assert proc.stderr.startswith('groupdiff_jax: error: ') and message in proc.stderr
+  assert not os.path.exists(tmp_path / 'hlo')
