@@ -26,6 +26,14 @@ from groupdiff_jax.compilation.topology import Topology
 GB = 1e9
 
 
+def gb(nbytes: float) -> str:
+  """'1,999', '5.57', '0.0023', '<0.001': GB without scientific notation."""
+  v = nbytes / GB
+  if v >= 100:
+    return f'{v:,.0f}'
+  return f'{v:.3g}' if v >= 0.01 or v == 0 else f'{v:.4f}' if v >= 0.001 else '<0.001'
+
+
 @dataclasses.dataclass
 class Numbers:
   program: str
@@ -123,11 +131,11 @@ def lines(n: Numbers) -> list[str]:
   if n.kernels:
     out.append(f'  ({n.kernels:.0f} Mosaic kernel calls per step: their FLOPs count only where '
                f'the kernel states a cost estimate)')
-  kinds = ', '.join(f'{k} {v / GB:.3g}' for k, v in n.collectives.items() if v)
-  out.append(f'  collectives: {kinds or "none"} GB; wire {n.wire / GB:.3g} GB '
+  kinds = ', '.join(f'{k} {gb(v)}' for k, v in n.collectives.items() if v)
+  out.append(f'  collectives: {kinds or "none"} GB; wire {gb(n.wire)} GB '
              f'(all-reduce counted 2x)')
   if n.fsdp_min:
-    out.append(f'  FSDP minimum {n.fsdp_min / GB:.3g} GB: wire = '
+    out.append(f'  FSDP minimum {gb(n.fsdp_min)} GB: wire = '
                f'{n.wire / n.fsdp_min:.2f}x the minimum')
   out.append(f'  estimated time at {100 * n.mfu:.0f}% MFU: {1e3 * n.step_s:.0f} ms per step, '
              f'{n.images / n.step_s:,.0f} images/s on {n.chips} chips')
@@ -147,7 +155,7 @@ def table_row(label: str, n: Numbers) -> dict:
           'GFLOP/img exec': f'{n.flops_per_image / 1e9:.1f}',
           'analytic': f'{n.analytic_per_image / 1e9:.1f}',
           'exec/analytic': f'{n.flops_per_image / n.analytic_per_image:.2f}',
-          'coll. GB/chip (wire)': f'{n.wire / GB:.3g}',
-          'by kind': ' '.join(f'{k.replace("collective-", "")}:{v / GB:.3g}'
+          'coll. GB/chip (wire)': gb(n.wire),
+          'by kind': ' '.join(f'{k.replace("collective-", "")}:{gb(v)}'
                               for k, v in n.collectives.items() if v) or '-',
           'x FSDP min': f'{n.wire / n.fsdp_min:.2f}' if n.fsdp_min else '-'}
