@@ -99,6 +99,11 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[None]:
     _CONTEXT.value = previous
 
 
+def active() -> tuple[Mesh, tuple] | None:
+  """(mesh, rules) of the enclosing `use_mesh` block, or None outside one."""
+  return getattr(_CONTEXT, 'value', None)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical axis names; a no-op outside `use_mesh`."""
   ctx = getattr(_CONTEXT, 'value', None)

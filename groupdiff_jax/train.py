@@ -15,6 +15,7 @@ from groupdiff_jax import layout as batch_layout
 from groupdiff_jax.data import pipeline
 from groupdiff_jax.diffusion import objectives
 from groupdiff_jax.metrics_writer import MetricsWriter
+from groupdiff_jax.models import group_attention
 
 # Fields of config.model that make two checkpoints incompatible.
 MODEL_IDENTITY = ('name', 'input_size', 'in_channels', 'num_classes', 'learn_sigma',
@@ -83,20 +84,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress.say(f'mesh {dict(mesh.shape)} | model {config.model.name} | batch: {split}')
   if split_warning:
     progress.say(split_warning)
-  batch_axes = dict(trainer.rules).get('batch') or ()
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-  shards = math.prod(mesh.shape[a] for a in batch_axes)
-  for name, groups in (('conditional', layout.num_cond_groups),
-                       ('unconditional', layout.num_uncond_groups)):
-    if groups % shards:  # XLA pads uneven shards and reshuffles groups: it works, but costs
-      progress.say(f'note: {groups} {name} groups over {shards} batch shards is uneven; a group '
-                   f'count that is a multiple of {shards} keeps every group on one device')
+  mesh_shards = group_attention.batch_shard_counts(mesh, trainer.rules)[0]
+  if trainer.batch_shards < mesh_shards:  # it works, but the attention is replicated
+    progress.say(f'note: {mesh_shards} batch shards of {layout.global_batch // mesh_shards} '
+                 f'images cannot each hold whole groups; group attention runs on '
+                 f'{trainer.batch_shards} shards and repeats the work on the rest; choose '
+                 f'data.global_batch or the group sizes so that they can')
 
   # --- data -------------------------------------------------------------------------------
   # This process reads exactly the plan rows its devices hold (any mesh, any process layout).
   model_shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
   rows = sharding.batch_rows(trainer.batch_shardings['image'], (layout.global_batch, *model_shape))
-  data = pipeline.make_train_data(config, layout, workdir=workdir, rows=rows)
+  data = pipeline.make_train_data(config, layout, workdir=workdir, rows=rows,
+                                  order=trainer.order)
   progress.say(data.summary())  # epoch 0's grouping statistics
   if tuple(data.image_shape) != model_shape:
     raise ValueError(f'data source {config.data.source!r} gives images {tuple(data.image_shape)} '

@@ -8,14 +8,15 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from groupdiff_jax import sharding
+from groupdiff_jax import layout as batch_layout, sharding
 from groupdiff_jax.diffusion import objectives
 from groupdiff_jax.layout import BatchLayout, layout_from_config
-from groupdiff_jax.models import sit
+from groupdiff_jax.models import group_attention, sit
 
 State = dict[str, Any]  # {'step', 'params', 'opt_state', 'ema'}
 
@@ -51,6 +52,11 @@ class Trainer:
   state_shardings: State
   batch_shardings: dict[str, NamedSharding]
   abstract_state: State
+  # The batch in shard order (layout.shard_order): batch row r is layout row order[r], and
+  # `groups` is the batch's static group structure for the one model pass.
+  order: np.ndarray
+  groups: group_attention.Groups
+  batch_shards: int  # the batch shards `order` was laid out for
 
 
 def build(config, mesh: Mesh) -> Trainer:
@@ -78,8 +84,10 @@ def build(config, mesh: Mesh) -> Trainer:
                     'opt_state': abstract_opt, 'ema': abstract_params}
   batch_sh = {'image': sharding.batch_sharding(mesh, rules, 4),
               'label': sharding.batch_sharding(mesh, rules, 1)}
+  order, groups, shards = batch_layout.shard_order_for_mesh(
+      layout, group_attention.batch_shard_counts(mesh, rules))
   return Trainer(model_cfg, graphdef, tx, layout, objective, mesh, rules, state_sh, batch_sh,
-                 abstract_state)
+                 abstract_state, order, groups, shards)
 
 
 def init_state(trainer: Trainer, seed: int, params: dict | None = None) -> State:
@@ -103,27 +111,33 @@ def model_apply(trainer: Trainer) -> Callable:
   return apply
 
 
+def layout_sample_ids(model: sit.SiT, layout: BatchLayout, k_cond: jax.Array,
+                      k_uncond: jax.Array) -> jax.Array | None:
+  """GroupDiff sample-embedding ids in layout order: the conditional part drawn with k_cond, the
+  unconditional part with k_uncond."""
+  if model.sample_embedder is None:
+    return None
+  parts = [model.sample_ids(n, m, key) for n, m, key in
+           ((layout.num_cond, layout.cond_group_size, k_cond),
+            (layout.num_uncond, layout.uncond_group_size, k_uncond)) if n]
+  return jnp.concatenate(parts)
+
+
 def loss_fn(trainer: Trainer, params: dict, batch: dict, rng: jax.Array, t_spread: float
             ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-  """The objective's loss on a GroupDiff batch: conditional groups, then null-label groups.
+  """The objective's loss on a GroupDiff batch (shard order) in one model pass: conditional
+  groups with their labels, unconditional groups with the null label. Randomness (times per
+  group, noise, sample ids) is drawn in layout order, so it does not depend on the mesh.
   Returns (mean loss, (per-image loss, per-image loss terms of the objective))."""
-  layout, apply, objective = trainer.layout, model_apply(trainer), trainer.objective
+  layout, order, objective = trainer.layout, trainer.order, trainer.objective
   x, y = batch['image'], batch['label']
   k_inputs, k_cond, k_uncond = jax.random.split(rng, 3)
-  noised = objective.inputs(x, k_inputs, layout, t_spread)
-  x_t, t = noised.x_t, noised.t
-  nc, null = layout.num_cond, trainer.model_cfg.num_classes
-  if layout.cond_group_size == layout.uncond_group_size:  # one pass when the group sizes agree
-    y = jnp.where(jnp.arange(y.shape[0]) < nc, y, null)
-    pred = apply(params, x_t, t, y, layout.cond_group_size, k_cond)
-  else:
-    parts = []
-    if nc:
-      parts.append(apply(params, x_t[:nc], t[:nc], y[:nc], layout.cond_group_size, k_cond))
-    if layout.num_uncond:
-      parts.append(apply(params, x_t[nc:], t[nc:], jnp.full_like(y[nc:], null),
-                         layout.uncond_group_size, k_uncond))
-    pred = jnp.concatenate(parts)
+  noised = objective.inputs(x, k_inputs, layout, t_spread, order)
+  y = jnp.where(jnp.asarray(order >= layout.num_cond), trainer.model_cfg.num_classes, y)
+  model = nnx.merge(trainer.graphdef, params)
+  ids = layout_sample_ids(model, layout, k_cond, k_uncond)
+  ids = None if ids is None else ids[order]
+  pred = model(noised.x_t, noised.t, y, group_size=trainer.groups, sample_ids=ids)
   per_image, terms = objective.per_image_loss(pred, noised.target)
   return per_image.mean(), (per_image, terms)
 
@@ -144,8 +158,9 @@ def make_train_step(trainer: Trainer, config) -> Callable[[State, dict], tuple[S
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'param_norm': optax.tree.norm(params)}
     metrics.update({f'loss_{name}': v.mean() for name, v in terms.items()})  # ddpm: mse, vb
-    if trainer.layout.num_uncond:
-      metrics['loss_uncond'] = per_image[trainer.layout.num_cond:].mean()
+    if trainer.layout.num_uncond:  # the unconditional rows, wherever the shard order put them
+      uncond = jnp.asarray(trainer.order >= trainer.layout.num_cond, jnp.float32)
+      metrics['loss_uncond'] = jnp.sum(per_image * uncond) / trainer.layout.num_uncond
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state, 'ema': ema}
     return new_state, metrics
 

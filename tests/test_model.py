@@ -196,3 +196,46 @@ def test_bad_group_sizes():
     model(x, t, y, group_size=8, rng=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='pass rng'):
     model(x, t, y, group_size=4)
+
+
+def test_mixed_groups_in_one_pass_equal_one_call_per_group_size():
+  """GroupDiff training's one pass (singles and groups of 4 in one batch) is the two calls."""
+  model, _ = _tiny()
+  x, t, y = _inputs(8)
+  ids = jnp.array([0, 2, 3, 1, 0, 1, 2, 3])
+  groups = sit.Groups(((2, 1), (4, 4), (2, 2)))
+  out = model(x, t, y, group_size=groups, sample_ids=ids)
+  np.testing.assert_allclose(out[:2], model(x[:2], t[:2], y[:2], group_size=1, sample_ids=ids[:2]),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[2:6], model(x[2:6], t[2:6], y[2:6], group_size=4,
+                                             sample_ids=ids[2:6]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out[6:], model(x[6:], t[6:], y[6:], group_size=2,
+                                            sample_ids=ids[6:]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(2, 1, 4), (1, 2, 4)])
+def test_context_parallel_model_equals_the_unsharded_model(shape):
+  """Tokens over 4 'context' devices (each holds 4 of every image's 16 tokens; queries meet the
+  all-gathered keys of the whole group), groups over the batch axes: forward and gradient."""
+  from groupdiff_jax import sharding  # pylint: disable=import-outside-toplevel
+  model, _ = _tiny()
+  graphdef, params = nnx.split(model)
+  x, t, y = _inputs(8)
+  ids = jnp.array([0, 1, 2, 3, 3, 2, 1, 0])
+  mesh = sharding.make_mesh(('data', 'fsdp', 'context'), shape)
+  rules = (('batch', ('data', 'fsdp')), ('tokens', 'context'), ('embed', None), ('heads', None))
+
+  def loss(params, x):
+    out = nnx.merge(graphdef, params)(x, t, y, group_size=4, sample_ids=ids)
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+  def sharded(params, x):
+    with sharding.use_mesh(mesh, rules):
+      return jax.value_and_grad(loss)(params, x)
+
+  assert 'all_gather' in str(jax.make_jaxpr(sharded)(params, x))  # K/V really are gathered
+  want_loss, want_grad = jax.jit(jax.value_and_grad(loss))(params, x)
+  got_loss, got_grad = jax.jit(sharded)(params, x)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               got_grad, want_grad)

@@ -2,10 +2,12 @@
 
 Global step s of the infinite stream belongs to epoch e = s // steps_per_epoch; the epoch's plan
 (grouping.plan_epoch, seeded with (config.seed, e)) gives the global batch's image ids in layout
-order: conditional groups, then unconditional groups, members contiguous. Every process
-computes the same cheap plan and reads only `rows`: the plan rows its own devices hold in the
-global batch (sharding.batch_rows), in increasing order and not necessarily contiguous, since a
-topology-ordered mesh may place a process's devices anywhere along the batch axis.
+order: conditional groups, then unconditional groups, members contiguous. The batch is emitted in
+the train step's shard order (`order`, layout.shard_order: batch row r is plan row order[r], so
+every batch shard holds whole groups). Every process computes the same cheap plan and reads only
+`rows`: the batch rows its own devices hold in the global batch (sharding.batch_rows), in
+increasing order and not necessarily contiguous, since a topology-ordered mesh may place a
+process's devices anywhere along the batch axis.
 
 Grain sees a flat infinite MapDataset of per-process elements, k -> (step k // B_local, slot
 k % B_local) with B_local = len(rows), batched by B_local; so its iterator state is just the next step index, and
@@ -39,7 +41,7 @@ class _Planner:
   """Epoch plans, computed on demand and shared by grain's reader threads."""
 
   def __init__(self, source: sources.DataSource, layout: BatchLayout, *, mode: str,
-               threshold: float, seed: int):
+               threshold: float, seed: int, order: np.ndarray):
     if mode not in grouping.MODES:
       raise ValueError(f'unknown group.neighbors mode {mode!r}; known: '
                        f'{", ".join(grouping.MODES)}')
@@ -48,6 +50,7 @@ class _Planner:
       raise ValueError(f'neighbour lists cover {self._nbr_ids.shape[0]} images, the source '
                        f'has {len(source)}')
     self._layout, self.mode, self._threshold, self._seed = layout, mode, threshold, seed
+    self._order = order
     # Class labels of every image: only the 'class' grouping mode reads them.
     self._labels = np.asarray(source.labels) if mode == 'class' else None
     self._pool = getattr(source, 'valid_ids', None)  # None: every id may be drawn
@@ -76,8 +79,9 @@ class _Planner:
       return plan
 
   def global_ids(self, step: int) -> np.ndarray:
+    """The ids of global batch `step` in shard order."""
     epoch, within = divmod(step, self.steps_per_epoch)
-    return self.plan(epoch).batches[within]
+    return self.plan(epoch).batches[within][self._order]
 
 
 class _ReadElement:
@@ -173,7 +177,7 @@ class TrainData:
             'label': jax.ShapeDtypeStruct((self.local_batch,), np.int32)}
 
   def global_ids(self, step: int) -> np.ndarray:
-    """The image ids of global batch `step` (all processes), in layout order."""
+    """The image ids of global batch `step` (all processes), in shard order."""
     return np.array(self._planner.global_ids(step))
 
   def epoch_stats(self, epoch: int) -> dict[str, int | float]:
@@ -192,17 +196,22 @@ class TrainData:
 
 
 def make_train_data(config: ml_collections.ConfigDict, layout: BatchLayout, *,
-                    workdir: str | None = None, rows: Sequence[int] | None = None) -> TrainData:
-  """The training stream of one process: plan rows `rows` of every global batch (default: all
-  of them), e.g. sharding.batch_rows of the batch sharding (see module docstring)."""
+                    workdir: str | None = None, rows: Sequence[int] | None = None,
+                    order: Sequence[int] | None = None) -> TrainData:
+  """The training stream of one process: rows `rows` (default: all) of every global batch in
+  shard order `order` (the train step's `Trainer.order`; default: layout order). `rows` are e.g.
+  sharding.batch_rows of the batch sharding (see module docstring)."""
   rows = np.arange(layout.global_batch) if rows is None else np.asarray(rows, np.int64)
+  order = np.arange(layout.global_batch) if order is None else np.asarray(order, np.int64)
+  if sorted(order.tolist()) != list(range(layout.global_batch)):
+    raise ValueError(f'order must be a permutation of the {layout.global_batch} batch rows')
   if (rows.ndim != 1 or not len(rows) or np.any(np.diff(rows) <= 0) or rows[0] < 0
       or rows[-1] >= layout.global_batch):
     raise ValueError(f'rows must be increasing row indices in [0, {layout.global_batch}), '
                      f'got {rows.tolist()}')
   source = sources.make_source(config, workdir)
   planner = _Planner(source, layout, mode=config.group.neighbors,
-                     threshold=config.group.threshold, seed=config.seed)
+                     threshold=config.group.threshold, seed=config.seed, order=order)
   read_options = grain.ReadOptions(
       num_threads=config.data.num_threads,
       prefetch_buffer_size=config.data.get('prefetch_batches', DEFAULT_PREFETCH_BATCHES))

@@ -1,8 +1,11 @@
 """One attention function, several kernels: 'xla' | 'cudnn' | 'splash' | 'reference', and 'auto'.
 
-All take q, k, v laid out [batch, length, heads, head_dim] (BTNH) and return the same layout.
-Group attention never needs a mask: the images of a group are joined along `length` by a reshape,
-so every kernel runs plain bidirectional softmax attention.
+All take q [batch, q_length, heads, head_dim] and k, v [batch, kv_length, heads, head_dim] (BTNH;
+the lengths differ under context parallelism, where a device's queries meet the whole group's
+keys) and return q's layout. Group attention never needs a mask: the images of a group are joined
+along the length by a reshape, so every kernel runs plain bidirectional softmax attention.
+These functions see one device's block; models/group_attention.py calls them inside `shard_map`
+(Mosaic and cuDNN kernels cannot be partitioned automatically).
 """
 import functools
 from typing import Callable
@@ -67,40 +70,49 @@ def _splash_block(length: int, preferred: int = 512) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _splash_kernel(heads: int, length: int, interpret: bool):
+def _splash_kernel(heads: int, q_length: int, kv_length: int, interpret: bool):
   # Imported lazily: the Pallas TPU ops are only needed when this backend is chosen.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  block = _splash_block(length)
-  sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                        block_q_dq=block, block_kv_dq=block)
-  mask = sm.MultiHeadMask([sm.FullMask((length, length)) for _ in range(heads)])
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret), sk.SegmentIds
+  bq, bkv = _splash_block(q_length), _splash_block(kv_length)
+  sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                        block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                        block_q_dq=bq, block_kv_dq=bkv)
+  mask = sm.MultiHeadMask([sm.FullMask((q_length, kv_length)) for _ in range(heads)])
+  # The kernel turns its block masks into jnp arrays. Built under a trace they would be tracers
+  # of that trace, and the cached kernel would leak them into the next one (UnexpectedTracerError
+  # in the sampler after the train step): build it eagerly, as concrete constants.
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret), sk.SegmentIds
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """The Pallas TPU splash kernel; on other platforms it runs in Pallas interpret mode (tests).
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     platform: str | None = None) -> jax.Array:
+  """The Pallas TPU splash kernel; for a platform other than 'tpu' (default: JAX's default
+  backend) it runs in Pallas interpret mode (tests).
 
   The kernel needs the sequence and head_dim in multiples of 128 (SiT-XL: T=256*M, head_dim 72).
   Zero-padding head_dim leaves q.k and the first head_dim outputs unchanged; padded tokens get
   segment id 1 so real queries never attend to them.
   """
-  _, length, heads, head_dim = q.shape
-  padded_len, padded_dim = _round_up(length, _LANES), _round_up(head_dim, _LANES)
-  kernel, segment_ids_cls = _splash_kernel(heads, padded_len, jax.default_backend() != 'tpu')
+  _, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  q_pad, kv_pad = _round_up(q_len, _LANES), _round_up(kv_len, _LANES)
+  padded_dim = _round_up(head_dim, _LANES)
+  interpret = (platform or jax.default_backend()) != 'tpu'
+  kernel, segment_ids_cls = _splash_kernel(heads, q_pad, kv_pad, interpret)
   q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # splash does not scale the logits
 
-  def to_kernel_layout(a):  # [B, L, H, D] -> [B, H, L', D'] zero-padded
-    a = jnp.pad(a, ((0, 0), (0, padded_len - length), (0, 0), (0, padded_dim - head_dim)))
+  def to_kernel_layout(a, padded_len):  # [B, L, H, D] -> [B, H, L', D'] zero-padded
+    a = jnp.pad(a, ((0, 0), (0, padded_len - a.shape[1]), (0, 0), (0, padded_dim - head_dim)))
     return jnp.swapaxes(a, 1, 2)
 
-  segments = (jnp.arange(padded_len) >= length).astype(jnp.int32)
-  segment_ids = segment_ids_cls(q=segments, kv=segments)
+  segment_ids = segment_ids_cls(q=(jnp.arange(q_pad) >= q_len).astype(jnp.int32),
+                                kv=(jnp.arange(kv_pad) >= kv_len).astype(jnp.int32))
   out = jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, segment_ids=segment_ids))(
-      to_kernel_layout(q), to_kernel_layout(k), to_kernel_layout(v))
-  return jnp.swapaxes(out, 1, 2)[:, :length, :, :head_dim]
+      to_kernel_layout(q, q_pad), to_kernel_layout(k, kv_pad), to_kernel_layout(v, kv_pad))
+  return jnp.swapaxes(out, 1, 2)[:, :q_len, :, :head_dim]
 
 
 BACKENDS: dict[str, AttentionFn] = {
@@ -115,7 +127,8 @@ AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'xla'}
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
-  """Maps 'auto' to a concrete backend for `platform` and checks the name."""
+  """Maps 'auto' to a concrete backend for `platform` (the devices the attention runs on;
+  default: JAX's default backend) and checks the name."""
   if name == 'auto':
     return AUTO.get(platform or jax.default_backend(), 'xla')
   if name not in BACKENDS:
@@ -123,6 +136,12 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
   return name
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = 'auto') -> jax.Array:
-  """Bidirectional softmax attention with scale head_dim**-0.5; q, k, v are [B, L, H, D]."""
-  return BACKENDS[resolve_backend(backend)](q, k, v)
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = 'auto',
+              platform: str | None = None) -> jax.Array:
+  """Bidirectional softmax attention with scale head_dim**-0.5; q is [B, Lq, H, D], k and v
+  [B, Lk, H, D]. `platform`: where it runs ('cpu', 'gpu', 'tpu'; default: JAX's default
+  backend), which picks 'auto' and splash's interpret mode."""
+  name = resolve_backend(backend, platform)
+  if name == 'splash':
+    return splash_attention(q, k, v, platform)
+  return BACKENDS[name](q, k, v)

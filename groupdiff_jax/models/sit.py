@@ -6,7 +6,10 @@ for CFG, adaLN-Zero blocks and a final adaLN layer, each with the official initi
 
 The GroupDiff change is two things, both marked `GroupDiff` below:
   (i)  group attention: the tokens of the M images of a group (contiguous in the batch) are joined
-       along the sequence axis for self-attention only, (B*M, T, D) -> (B, M*T, D) and back;
+       along the sequence axis for self-attention only, (B*M, T, D) -> (B, M*T, D) and back. The
+       group size is an int, or a `group_attention.Groups` for a batch that mixes group sizes
+       (conditional singles and unconditional groups, one pass); models/group_attention.py
+       partitions it over the mesh;
   (ii) a learnable sample embedding (max_group_size x hidden) added to the conditioning vector,
        its ids a fresh random permutation per group on every call (or fixed ids).
 With group size 1 the model is exactly SiT/DiT.
@@ -25,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from groupdiff_jax import sharding
-from groupdiff_jax.models.attention import attention, member_attention
+from groupdiff_jax.models.attention import member_attention
+from groupdiff_jax.models.group_attention import Groups, as_groups, group_attention
 
 # name -> (depth, hidden, heads); the official DiT/SiT sizes.
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -198,26 +202,27 @@ class Block(nnx.Module):
     self.fc2 = _dense(cfg, mlp, d, _xavier(('mlp', 'embed')), rngs, ('embed',))
     self.adaLN_modulation = _dense(cfg, d, 6 * d, _zeros(('embed', 'mlp')), rngs, ('mlp',))
 
-  def attn(self, h: jax.Array, group_size: int, with_mass: bool = False):
+  def attn(self, h: jax.Array, groups: Groups, with_mass: bool = False):
     """The attention sublayer; with_mass also returns `member_attention` of its q, k."""
     n, t, d = h.shape
     heads = self.cfg.heads
     qkv = self.qkv(h).reshape(n, t, 3, heads, d // heads)   # [q | k | v], each (heads, head_dim)
+    qkv = sharding.constrain(qkv, ('batch', 'tokens', None, 'heads', None))
     # GroupDiff (i): the M images of each group attend jointly over M*T tokens.
-    qkv = qkv.reshape(n // group_size, group_size * t, 3, heads, d // heads)
-    qkv = sharding.constrain(qkv, ('batch', 'tokens', None, None, None))
-    out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.cfg.attention)
-    out = self.proj(out.reshape(n, t, d))                    # back to one row per image
-    if with_mass:  # diagnostics only (S_cross): the output above is unchanged
-      return out, member_attention(qkv[:, :, 0], qkv[:, :, 1], group_size)
+    out = group_attention(qkv, groups, self.cfg.attention)   # [n, t, heads, head_dim]
+    out = self.proj(out.reshape(n, t, d))
+    if with_mass:  # diagnostics only (S_cross, uniform groups): the output above is unchanged
+      (_, m), = groups.segments
+      grouped = qkv.reshape(n // m, m * t, 3, heads, d // heads)
+      return out, member_attention(grouped[:, :, 0], grouped[:, :, 1], m)
     return out
 
-  def __call__(self, x, c, group_size: int, with_mass: bool = False):
+  def __call__(self, x, c, groups: Groups, with_mass: bool = False):
     mods = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mods, 6, axis=-1)
     dtype = jnp.dtype(self.cfg.dtype)
     h = _modulate(_layer_norm(x), shift1, scale1).astype(dtype)
-    a, mass = self.attn(h, group_size, True) if with_mass else (self.attn(h, group_size), None)
+    a, mass = self.attn(h, groups, True) if with_mass else (self.attn(h, groups), None)
     x = x + gate1[:, None, :] * a.astype(jnp.float32)
     h = _modulate(_layer_norm(x), shift2, scale2).astype(dtype)
     h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
@@ -270,6 +275,15 @@ class SiT(nnx.Module):
     keys = jax.random.uniform(rng, (groups, self.cfg.max_group_size))
     return jnp.argsort(keys, axis=-1)[:, :group_size].reshape(-1)
 
+  def group_sample_ids(self, groups: Groups, rng: jax.Array | None) -> jax.Array:
+    """`sample_ids` of every segment (one key per segment; the key itself for one segment)."""
+    if len(groups.segments) == 1:
+      return self.sample_ids(*groups.segments[0], rng)
+    count = len(groups.segments)
+    keys = [None] * count if rng is None else jax.random.split(rng, count)
+    return jnp.concatenate([self.sample_ids(n, m, key)
+                            for (n, m), key in zip(groups.segments, keys)])
+
   def patchify(self, x):
     n, h, w, c = x.shape
     p = self.cfg.patch
@@ -282,18 +296,19 @@ class SiT(nnx.Module):
     x = x.reshape(n, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(n, g * p, g * p, c)
 
-  def __call__(self, x, t, y, *, group_size: int = 1, rng: jax.Array | None = None,
+  def __call__(self, x, t, y, *, group_size: int | Groups = 1, rng: jax.Array | None = None,
                sample_ids: jax.Array | None = None, group_blocks: int | None = None,
                return_attention_mass: bool = False):
-    """group_blocks: None = group attention in every block; k = only in the first k (static).
+    """group_size: M (uniform groups) or a `Groups` (static mixed structure, one pass).
+    group_blocks: None = group attention in every block; k = only in the first k (static).
     return_attention_mass (diagnostics): also return [depth, B/M, M, M], each block's
     `attention.member_attention` (the attention mass between the images of each group)."""
     cfg = self.cfg
     n = x.shape[0]
-    if n % group_size:
-      raise ValueError(f'group size {group_size} does not divide the batch of {n} images')
-    if cfg.max_group_size and group_size > cfg.max_group_size:
-      raise ValueError(f'group size {group_size} exceeds model.max_group_size {cfg.max_group_size}')
+    groups = as_groups(group_size, n)
+    if cfg.max_group_size and groups.max_group_size > cfg.max_group_size:
+      raise ValueError(f'group size {groups.max_group_size} exceeds model.max_group_size '
+                       f'{cfg.max_group_size}')
     if cfg.time_convention == 'noise_at_0':  # original SiT weights: noise at t = 0
       t = 1.0 - t
     x = sharding.constrain(x, ('batch', None, None, None))
@@ -302,7 +317,7 @@ class SiT(nnx.Module):
     c = self.t_embedder(t) + self.y_embedder(y)
     if self.sample_embedder is not None:
       if sample_ids is None:
-        sample_ids = self.sample_ids(n, group_size, rng)
+        sample_ids = self.group_sample_ids(groups, rng)
       c = c + self.sample_embedder(sample_ids)
     c = c.astype(jnp.float32)
 
@@ -323,15 +338,15 @@ class SiT(nnx.Module):
     # blocks attend across the group, the rest per image. Two scans over the stacked layers,
     # because the attention reshape (a static shape) differs between the two parts.
     k = cfg.depth if group_blocks is None else min(max(group_blocks, 0), cfg.depth)
-    if k == cfg.depth or group_size == 1:
-      h, masses = run_blocks(h, layers, group_size)
+    if k == cfg.depth or groups.max_group_size == 1:
+      h, masses = run_blocks(h, layers, groups)
     else:
       if return_attention_mass:
         raise ValueError('return_attention_mass needs group attention in every block '
                          '(group_blocks=None)')
       if k:
-        h = run_blocks(h, jax.tree.map(lambda a: a[:k], layers), group_size)[0]
-      h = run_blocks(h, jax.tree.map(lambda a: a[k:], layers), 1)[0]
+        h = run_blocks(h, jax.tree.map(lambda a: a[:k], layers), groups)[0]
+      h = run_blocks(h, jax.tree.map(lambda a: a[k:], layers), Groups.uniform(n, 1))[0]
     out = self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)
     if cfg.time_convention == 'noise_at_0':  # d/dt flips sign with t -> 1 - t (velocity only)
       out = out.at[..., :cfg.in_channels].multiply(-1.0)
