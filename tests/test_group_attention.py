@@ -62,7 +62,10 @@ def test_shard_order_gives_every_shard_whole_groups(batch, cond, uncond, fractio
     assert np.all(positions[:, 0] // rows == positions[:, -1] // rows)  # on one shard
     is_cond = members < layout.num_cond
     assert np.all(is_cond.all(1) | ~is_cond.any(1))  # a group is all conditional or not at all
-    assert size == cond if is_cond.all() else size == uncond if not is_cond.any() else cond == uncond
+    if is_cond.all() or not is_cond.any():
+      assert size == (cond if is_cond.all() else uncond)
+    else:  # both parts in one merged segment
+      assert cond == uncond == size
     start += images
   if shards == 1:
     np.testing.assert_array_equal(order, np.arange(batch))
