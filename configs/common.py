@@ -101,4 +101,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.num_images = 16       # the end-of-training PNG grid
   c.sample.write_grid = False    # pixel-space models (the demo) write a PNG grid at the end
   c.sample.seed = 0
+
+  # In-training evaluation (groupdiff_jax/evaluation/in_training.py): every `every_steps` (and at
+  # the last step) sample `num_samples` images with the EMA weights and the `sample` settings,
+  # log the Fréchet distance to a reference and S_cross. Off (0) by default.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0
+  c.eval.num_samples = 1000
+  c.eval.batch_size = 256         # images per sampling call (whole groups, split over devices)
+  c.eval.seed = 0                 # the same noise at every evaluation
+  c.eval.reference = 'inception'  # inception (FID vs eval.ref_stats) | digits (classifier)
+  c.eval.ref_stats = ''           # inception: .npz with mu/sigma (ADM reference batch layout)
+  c.eval.inception_weights = ''   # inception: pt_inception-2015-12-05-6726825d.pth (or .npz)
+  c.eval.vae = ''                 # inception on latents: diffusers AutoencoderKL dir to decode
+  c.eval.classifier_dir = ''      # digits: '' = WORKDIR/digits_classifier (trained once, cached)
+  c.eval.s_cross_groups = 4       # unconditional groups for S_cross (0 = skip)
+  c.eval.s_cross_steps = 10       # Euler steps of the S_cross trajectory
   return c

@@ -43,5 +43,9 @@ def generate_images(trainer: Trainer, sample_cfg, params, num_images: int, seed:
   noise = jax.random.normal(key, (num_images, cfg.input_size, cfg.input_size, cfg.in_channels))
   images = make_generate_fn(trainer, sample_cfg)(params, noise, jnp.asarray(labels),
                                                  jax.random.fold_in(key, 1))
-  # On several hosts the batch is sharded across processes: gather it everywhere.
-  return np.asarray(multihost_utils.process_allgather(images, tiled=True)), labels
+  return gather(images), labels
+
+
+def gather(images: jax.Array) -> np.ndarray:
+  """A batch sharded over the devices as one host array; on several hosts, on every process."""
+  return np.asarray(multihost_utils.process_allgather(images, tiled=True))

@@ -1,7 +1,8 @@
 """Progress lines, metrics.jsonl and TensorBoard event files for a run (process 0 writes).
 
 Throughput (images/s, TFLOP/s per device, MFU) counts the time between two reports minus what
-the loop declares with `exclude()` (checkpoint writes); compilation happens before `start()`.
+the loop declares with `exclude()` (checkpoint writes, in-training evaluation); compilation
+happens before `start()`. `log()` adds rows that are not training steps (evaluation results).
 Files are opened at the first report, so a run that takes no step writes nothing.
 """
 import json
@@ -82,6 +83,22 @@ class MetricsWriter:
           self._tb.add_scalar(k, v, step)
         self._tb.flush()
     return out
+
+  def log(self, step: int, scalars: dict[str, float], line: str) -> None:
+    """Logs scalars that are not training steps (in-training evaluation) with their own line;
+    leaves the throughput clock alone (the caller excludes the time it took)."""
+    if not self.enabled:
+      return
+    if self._jsonl is None:
+      self._open()
+    progress.say(line)
+    self._jsonl.write(json.dumps({'step': step, **{k: float(v) for k, v in scalars.items()}})
+                      + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, float(v), step)
+      self._tb.flush()
 
   def close(self) -> None:
     if self._jsonl:

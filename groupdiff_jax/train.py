@@ -14,6 +14,7 @@ from groupdiff_jax import (checkpoint, flops, generate, image_grid, multihost, p
 from groupdiff_jax import layout as batch_layout
 from groupdiff_jax.data import pipeline
 from groupdiff_jax.diffusion import objectives
+from groupdiff_jax.evaluation import in_training
 from groupdiff_jax.metrics_writer import MetricsWriter
 from groupdiff_jax.models import group_attention
 
@@ -72,6 +73,7 @@ def check_same_model(ckpt: checkpoint.Checkpointer, config: ml_collections.Confi
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
   multihost.check_processes(config)  # same config and code everywhere, before anything is written
+  in_training.check(config)
   prepare_workdir(workdir)
   is_main = jax.process_index() == 0
 
@@ -151,12 +153,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     step_fn = step_fn.compile(state, abstract_batch(trainer, data))
     progress.say(f'compiled the train step in {time.perf_counter() - t0:.1f}s')
+  # In-training evaluation (None when eval.every_steps is 0): the digits reference trains its
+  # classifier here once (cached in the workdir).
+  evaluator = (in_training.build(config, trainer, workdir) if start_step < config.total_steps
+               else None)
   writer = MetricsWriter(workdir, config.total_steps, images_per_step=layout.global_batch,
                          flops_per_step=flops.train_flops_per_batch(trainer.model_cfg, layout),
                          peak_flops=flops.peak_flops_per_device(), num_devices=mesh.size)
   ckpt.install_sigterm_handler()
   meta = run_meta(config, mesh)
-  last = {}
+  last, last_eval = {}, {}
 
   def save(step: int, metrics) -> None:
     loss = float(metrics['loss'])
@@ -184,6 +190,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if not math.isfinite(last['loss']):
           raise TrainingDiverged(f'loss is {last["loss"]} at step {step}; stopped, the last '
                                  f'good checkpoint in {ckpt.directory} is kept')
+      if evaluator and evaluator.due(step, config.total_steps):
+        t0 = time.perf_counter()
+        last_eval = evaluator(state['ema'])
+        writer.log(step, last_eval, in_training.describe(step, last_eval, evaluator.num_samples))
+        writer.exclude(time.perf_counter() - t0)  # evaluation is not training throughput
       preempted = ckpt.preempted(step)
       if step % config.ckpt_every_steps == 0 or done or preempted:
         save(step, metrics)
@@ -197,14 +208,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- a grid of samples from the EMA weights -----------------------------------------------
   if config.sample.write_grid and step == config.total_steps:
     t0 = time.perf_counter()  # every process samples (one SPMD program); process 0 writes
-    images, _ = generate.generate_images(trainer, config.sample, state['ema'],
+    images, labels = generate.generate_images(trainer, config.sample, state['ema'],
                                          config.sample.num_images, config.sample.seed)
     if is_main:
       path = os.path.join(workdir, f'samples_step{step}.png')
-      image_grid.save_grid(images, path, columns=max(config.sample.cond_group_size,
-                                                     config.sample.uncond_group_size), scale=4)
+      columns = max(config.sample.cond_group_size, config.sample.uncond_group_size)
+      # Legend: row r holds one group, all of class r (generate.group_labels).
+      image_grid.save_grid(images, path, columns=columns, scale=4,
+                           row_labels=[str(y) for y in labels[::columns]])
       progress.say(f'wrote {path} ({len(images)} samples, {time.perf_counter() - t0:.1f}s)')
-  return dict(last, step=step)
+  if last_eval:  # the run's last lines: how good its samples are
+    progress.say('final ' + in_training.describe(step, last_eval, evaluator.num_samples))
+  return dict(last, **last_eval, step=step)
 
 
 def abstract_batch(trainer: train_step.Trainer, data: pipeline.TrainData) -> dict:
@@ -237,5 +252,5 @@ def steps_done(workdir: str) -> list[int]:
 def final_losses(workdir: str) -> np.ndarray:
   """The logged losses of a run, in step order."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    rows = [json.loads(line) for line in f]
+    rows = [r for r in map(json.loads, f) if 'loss' in r]  # not the evaluation rows
   return np.array([r['loss'] for r in sorted(rows, key=lambda r: r['step'])])

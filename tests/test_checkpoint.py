@@ -20,7 +20,8 @@ from groupdiff_jax import checkpoint, sharding, train, train_step
 
 # A small demo run: 1-block SiT on 16x16 digits, batch 16, one progress line per step.
 DEMO_TINY = ['--config=configs/demo.py', '--config.model.name=SiT-d1h32n2/4',
-             '--config.data.global_batch=16', '--config.log_every_steps=1']
+             '--config.data.global_batch=16', '--config.log_every_steps=1',
+             '--config.eval.every_steps=0']
 
 
 def cli_env():

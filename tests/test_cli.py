@@ -13,11 +13,13 @@ from conftest import ROOT
 
 from groupdiff_jax import train
 
-# 1-block SiT on 16x16 digits, batch 16, 3 steps, a 2-step sampler for an 8-image grid.
+# 1-block SiT on 16x16 digits, batch 16, 3 steps, a 2-step sampler for an 8-image grid, no
+# in-training evaluation.
 DEMO_TINY = ['--config=configs/demo.py', '--config.model.name=SiT-d1h32n2/4',
              '--config.data.global_batch=16', '--config.total_steps=3',
              '--config.ckpt_every_steps=2', '--config.log_every_steps=1',
-             '--config.sample.num_steps=2', '--config.sample.num_images=8']
+             '--config.sample.num_steps=2', '--config.sample.num_images=8',
+             '--config.eval.every_steps=0']  # in-training eval: tests/test_in_training.py
 
 
 def run_cli(workdir, *args, timeout=600):
@@ -46,11 +48,12 @@ def test_demo_end_to_end(demo_run):
       < out.index('step 1/3')
   assert 'compilation and checkpoint writes are excluded' in out
   assert '12 cond (groups of 1) + 4 uncond (groups of 4) = 25.0% unconditional' in out
-  # The grid: 8 samples of 16x16, 4 columns (the sampler's group size), 2-pixel borders, x4.
+  # The grid: 8 samples of 16x16, 4 columns (the sampler's group size), 2-pixel borders, a
+  # 10-pixel legend margin (the class of each row), x4.
   path = os.path.join(workdir, 'samples_step3.png')
   assert f'wrote {path} (8 samples' in proc.stdout
   with Image.open(path) as image:
-    assert image.size == ((4 * (16 + 2) + 2) * 4, (2 * (16 + 2) + 2) * 4)
+    assert image.size == ((10 + 4 * (16 + 2) + 2) * 4, (2 * (16 + 2) + 2) * 4)
     assert image.mode == 'L'
     assert np.asarray(image).std() > 0  # not a blank image
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

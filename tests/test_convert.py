@@ -402,7 +402,7 @@ def test_converted_checkpoint_fine_tunes_with_main(tmp_path):
       [sys.executable, '-m', 'groupdiff_jax.main', '--config=configs/demo.py',
        f'--workdir={workdir}', *model_flags, '--config.total_steps=3',
        '--config.log_every_steps=1', '--config.ckpt_every_steps=3', '--config.data.global_batch=32',
-       '--config.sample.write_grid=False'],
+       '--config.sample.write_grid=False', '--config.eval.every_steps=0'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert train.returncode == 0, (train.stdout[-2000:], train.stderr[-4000:])
   assert f'fine-tuning from {out}' in train.stdout

@@ -43,11 +43,12 @@ def score(mass: np.ndarray) -> np.ndarray:
 
 
 def measure(model, *, group_size: int, num_groups: int, num_steps: int, labels: np.ndarray,
-            seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+            seed: int = 0, quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """S_cross [depth, num_steps] along an Euler ODE trajectory, and the step times t [num_steps].
 
   labels: int [num_groups * group_size] (the null class num_classes for the unconditional branch).
   Time convention of the project: t = 1 is noise; the steps are t_k = 1 - k / num_steps.
+  quiet: no progress lines (the trainer's in-training evaluation prints one line of its own).
   """
   cfg = model.cfg
   n = num_groups * group_size
@@ -65,12 +66,13 @@ def measure(model, *, group_size: int, num_groups: int, num_steps: int, labels: 
   # Compiled ahead of the loop, so the progress rate measures steps, not compilation.
   evaluate = jax.jit(evaluate).lower(state, x, times[0], key).compile()
   scores = np.zeros((cfg.depth, num_steps))
-  bar = progress.Progress('S_cross', num_steps, unit='steps')
+  bar = None if quiet else progress.Progress('S_cross', num_steps, unit='steps')
   for k in range(num_steps):
     velocity, mass = evaluate(state, x, times[k], jax.random.fold_in(key, k + 1))
     scores[:, k] = score(np.asarray(mass))
     x = x + (times[k + 1] - times[k]) * velocity
-    bar.update(1)
+    if bar:
+      bar.update(1)
   return scores, times[:-1]
 
 
