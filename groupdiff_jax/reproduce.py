@@ -25,7 +25,8 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  from groupdiff_jax.evaluation import dot_plot, reproduction  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from groupdiff_jax.evaluation import dot_plot, reproduction
   config = FLAGS.config
   arms, seeds = list(config.reproduce.arms), list(config.reproduce.seeds)
   unknown = [a for a in arms if a not in reproduction.ARMS]

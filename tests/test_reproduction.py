@@ -33,7 +33,8 @@ def test_summary_mean_and_sample_std():
           for s, v in enumerate([1.0, 2.0, 4.0])]
   summary = reproduction.summarise(runs, ['a'])
   fd = summary['a']['eval/digits_fd']
-  assert fd['mean'] == pytest.approx(7 / 3) and fd['std'] == pytest.approx(np.std([1, 2, 4], ddof=1))
+  assert fd['mean'] == pytest.approx(7 / 3)
+  assert fd['std'] == pytest.approx(np.std([1, 2, 4], ddof=1))
   assert (fd['min'], fd['max'], fd['n']) == (1.0, 4.0, 3)
   assert 'eval/s_cross' not in summary['a']  # absent metric: no entry, 'n/a' in the table
   assert '| a | 2.33 ± 1.53 | 0.500 ± 0.000 | n/a | 3 |' in reproduction.table(summary)

@@ -41,7 +41,8 @@ class DigitsReference:
   """The digits classifier (trained once, ~20 s, and cached in `directory`)."""
 
   def __init__(self, directory: str, image_size: int):
-    from groupdiff_jax.evaluation import digits_classifier  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from groupdiff_jax.evaluation import digits_classifier
     self._lib = digits_classifier
     self.classifier = digits_classifier.load_or_train(directory, image_size)
 
