@@ -1,5 +1,5 @@
 """The embedded demo: a small SiT with GroupDiff-l on scikit-learn's 8x8 digits (resized to 16x16,
-pixel space, no VAE), grouped by nearest neighbours; evaluates its samples every 500 steps and
+pixel space, no VAE), grouped by nearest neighbours; evaluates its samples every 750 steps and
 ends with a PNG grid of samples (row r: digit r) and their class accuracy and Fréchet distance.
 Runs in a few minutes on 2 CPU cores:
 
@@ -14,9 +14,9 @@ import common  # pylint: disable=wrong-import-position
 
 def get_config():
   c = common.get_config()
-  c.total_steps = 1000
+  c.total_steps = 1500
   c.log_every_steps = 100
-  c.ckpt_every_steps = 250
+  c.ckpt_every_steps = 500
   c.model.name = 'SiT-d4h128n4/4'   # depth 4, hidden 128, 4 heads, patch 4 (16 tokens)
   c.model.input_size = 16
   c.model.in_channels = 1
@@ -24,15 +24,18 @@ def get_config():
   c.model.dtype = 'float32'         # CPU: bf16 matmuls are slower there
   c.group.uncond_size = 4
   c.group.uncond_fraction = 0.125
-  c.optim.lr = 1e-3
+  c.optim.lr = 2e-3                 # 1e-3 -> 2e-3: class accuracy 0.83 -> 0.92 at step 1,000
   c.optim.ema_decay = 0.995         # short run: a fast EMA
   c.data.source = 'digits'
   c.data.image_size = 16
   c.data.global_batch = 64
-  c.sample.sampler = 'sde'
-  c.sample.num_steps = 100
-  c.sample.cfg_scale = 2.0
-  c.sample.guidance_low = 0.0
+  # Heun 15 steps (29 model calls) matches SDE 100 here at a sixth of the cost. CFG 3 only on the
+  # noisier half (t >= 0.5, 1 = noise) sets the class without over-saturating the strokes (CFG 3-4
+  # on the whole interval lowers accuracy and raises the Fréchet distance).
+  c.sample.sampler = 'heun'
+  c.sample.num_steps = 15
+  c.sample.cfg_scale = 3.0
+  c.sample.guidance_low = 0.5
   c.sample.guidance_high = 1.0
   c.sample.cond_group_size = 1
   c.sample.uncond_group_size = 4
@@ -41,7 +44,7 @@ def get_config():
   # In-training evaluation, also the run's last lines: samples of the EMA weights scored by the
   # digits classifier (class accuracy, Fréchet distance of its features; trained once, ~20 s,
   # cached in WORKDIR/digits_classifier) and S_cross.
-  c.eval.every_steps = 500
+  c.eval.every_steps = 750
   c.eval.reference = 'digits'
   c.eval.num_samples = 400
   c.eval.batch_size = 200

@@ -13,7 +13,7 @@ What one evaluation does (the training loop excludes its time from throughput):
                   latent models decode with `eval.vae` first: `eval/fid`;
   3. measures S_cross (evaluation/s_cross.py) on `eval.s_cross_groups` unconditional groups of
      `sample.uncond_group_size` noise images along `eval.s_cross_steps` Euler steps: its mean
-     over layers and steps, `eval/s_cross`.
+     over layers and steps, `eval/s_cross` (flow models only, not DDPM objectives).
 """
 import dataclasses
 import os
@@ -28,6 +28,7 @@ from flax import nnx
 
 from groupdiff_jax import generate, image_grid, progress
 from groupdiff_jax.cli import UserError
+from groupdiff_jax.diffusion import registry
 from groupdiff_jax.evaluation import metrics, npz_images, s_cross
 from groupdiff_jax.train_step import Trainer
 
@@ -190,7 +191,9 @@ class Evaluator:
     t0 = time.perf_counter()
     images, labels = self.samples(params)
     out = {f'eval/{k}': v for k, v in self.reference.score(images, labels).items()}
-    if self.s_cross_groups and self.sample_cfg.uncond_group_size >= 2:
+    # S_cross follows the flow ODE trajectory (s_cross.measure): flow models only.
+    flow = self.trainer.objective.checkpoint_objective == registry.FLOW
+    if flow and self.s_cross_groups and self.sample_cfg.uncond_group_size >= 2:
       out['eval/s_cross'] = self.s_cross(params)
     out['eval/seconds'] = time.perf_counter() - t0
     return out
