@@ -6,9 +6,11 @@ runs the cases of groupdiff_jax/benchmarking/vs_torch.py (train steps of SiT-S/2
 SiT-S/2 and SiT-B/2 at group sizes 1 and 4, the SDE sampler with CFG and groups of 4) in one
 process, float32, the same number of threads for both, interleaved; prints a Markdown table of
 median images/s, the ratio, compile times and the load average. --torch_compile adds a
-torch.compile column (minutes of compilation on a small CPU). A tiny smoke run:
+torch.compile column (minutes of compilation on a small CPU); --cases=forward --batch=32 gives
+the forwards at the issue's batch. A tiny smoke run:
 
-  python -m groupdiff_jax.bench_torch --model=SiT-d2h32n2/2 --input_size=8 --batch=8 --reps=2 --sample_steps=4
+  python -m groupdiff_jax.bench_torch --model=SiT-d2h32n2/2 --input_size=8 --batch=8 --reps=2 \
+      --sample_steps=4
 """
 import os
 
@@ -22,7 +24,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   flags.DEFINE_list('cases', [], 'Case names (substrings) to run; empty: all.')
   flags.DEFINE_integer('reps', 5, 'Timed interleaved rounds per case (after one warm-up).')
-  flags.DEFINE_integer('threads', 2, 'Threads for torch (set_num_threads) and XLA (its pool).')
+  flags.DEFINE_integer('threads', 2, 'torch.set_num_threads; XLA runs its pool of one thread '
+                       'per core, so match the core count (2 on the developer machine).')
   flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile (slow to compile on CPU).')
   flags.DEFINE_string('model', '', 'Run every case on this model instead (smoke runs).')
   flags.DEFINE_integer('input_size', 0, 'Latent side for every case instead (0: the case\'s).')
@@ -34,22 +37,20 @@ def main(argv: list[str]) -> None:
   del argv
   if FLAGS.reps < 1 or FLAGS.threads < 1:
     raise cli.UserError('--reps and --threads must be >= 1')
-  from groupdiff_jax.benchmarking import cpu_setup  # pylint: disable=import-outside-toplevel
-  cpu_setup.configure(FLAGS.threads)  # before jax creates its CPU client
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # a CPU comparison, whatever else is present
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   from groupdiff_jax.benchmarking import vs_torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(FLAGS.threads)
-  cases = [vs_torch.shrink(c, FLAGS.model, FLAGS.input_size, FLAGS.batch,
-                                    FLAGS.sample_steps) for c in vs_torch.CASES
-           if not FLAGS.cases or any(n in c.name for n in FLAGS.cases)]
+  cases = [vs_torch.shrink(c, FLAGS.model, FLAGS.input_size, FLAGS.batch, FLAGS.sample_steps)
+           for c in vs_torch.CASES if not FLAGS.cases or any(n in c.name for n in FLAGS.cases)]
   if not cases:
     raise cli.UserError(f'--cases={",".join(FLAGS.cases)} matches none of: '
                         + '; '.join(c.name for c in vs_torch.CASES))
   base = vs_torch.base_config()
   progress.say(f'jax {jax.__version__} ({jax.default_backend()}) | torch {torch.__version__} | '
-               f'{FLAGS.threads} threads each | {os.cpu_count()} cores | float32 | '
-               f'{FLAGS.reps} interleaved rounds, medians | load average '
+               f'torch {FLAGS.threads} threads, XLA one per core | {os.cpu_count()} cores | '
+               f'float32 | {FLAGS.reps} interleaved rounds, medians | load average '
                + ' '.join(f'{v:.1f}' for v in os.getloadavg()))
   rows = vs_torch.run_cases(base, cases, FLAGS.reps, FLAGS.torch_compile)
   vs_torch.print_rows(rows)

@@ -27,7 +27,7 @@ from groupdiff_jax.sampling import torch_reference
 
 @dataclasses.dataclass(frozen=True)
 class Groups:
-  """How the rows of a batch form groups: the first n_cond in groups of `cond`, the rest `uncond`."""
+  """Rows [0, n_cond) in groups of `cond`, the rest in groups of `uncond`."""
   n_cond: int
   cond: int
   uncond: int
