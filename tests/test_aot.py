@@ -7,18 +7,22 @@ import jax
 import pytest
 from conftest import tiny_config
 
-from groupdiff_jax import sharding, train_step
+from groupdiff_jax import flops, sharding, train_step
 from groupdiff_jax.compilation import aot_run, report, topology
+from groupdiff_jax.models import sit
 
 pytestmark = pytest.mark.aot
 
 CHIPS = 4
 
 
+CONFIG = tiny_config(**{'model.name': 'SiT-d2h256n4/2', 'model.dtype': 'bfloat16',
+                        'model.attention': 'splash', 'sample.cfg_scale': 2.0})
+
+
 @pytest.fixture(scope='module')
 def measured():
-  config = tiny_config(**{'model.name': 'SiT-d2h256n4/2', 'model.dtype': 'bfloat16',
-                          'model.attention': 'xla', 'sample.cfg_scale': 2.0})
+  config = CONFIG
   slice_ = topology.parse('v5e:2x2')
   lines = []
   numbers = aot_run.check(config, slice_, say=lines.append)
@@ -41,8 +45,15 @@ def test_train_step_memory_follows_the_parameter_count(measured):
 
 def test_executed_flops_match_the_analytic_count(measured):
   numbers, _, _ = measured
-  for n in numbers.values():
-    assert 0.99 <= n.flops_per_image / n.analytic_per_image <= 1.25, n.program
+  cfg = sit.config_from(CONFIG.model)
+  # Splash runs as Mosaic kernels whose FLOPs the HLO does not show: the visible matmuls are at
+  # least everything but the attention (flops.py at group size 0), at most the padded total.
+  passes = {'train step': 3, 'sampling step': 2}  # forward + backward; CFG's two forwards
+  for name, n in numbers.items():
+    assert n.kernels > 0, name
+    visible = passes[name] * flops.forward_flops_per_image(cfg, 0)
+    assert 0.99 * visible <= n.flops_per_image <= 1.25 * n.analytic_per_image, name
+    assert n.flops_per_image < n.analytic_per_image  # the kernels' share is not counted
 
 
 def test_fsdp_gathers_weights_instead_of_all_reducing_them(measured):

@@ -83,10 +83,24 @@ def nbytes(shape: str) -> float:
   return sum(DTYPE_BYTES.get(d, 4) * math.prod(dims) for d, dims in arrays(shape))
 
 
+def _logical_lines(text: str) -> list[str]:
+  """One line per header, instruction or closing brace: an attribute that spans lines (a Mosaic
+  kernel's metadata, some of whose lines start with '}}') is joined to its instruction."""
+  out: list[str] = []
+  for line in text.splitlines():
+    starts = (line.startswith('  %') or line.startswith('  ROOT') or line == '}' or not line.strip()
+              or _HEADER.match(line) or not out or line.startswith('HloModule'))
+    if starts:
+      out.append(line)
+    else:
+      out[-1] += ' ' + line
+  return out
+
+
 def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
   """HLO text -> ({computation: instructions}, entry computation name)."""
   computations, entry, current = {}, None, None
-  for line in text.splitlines():
+  for line in _logical_lines(text):
     header = _HEADER.match(line)
     if header and not line.startswith(' '):
       current = header.group(2)
@@ -94,7 +108,7 @@ def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
       if header.group(1):
         entry = current
       continue
-    if line.startswith('}'):
+    if line == '}':
       current = None
       continue
     if current is not None:
