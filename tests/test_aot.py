@@ -52,6 +52,7 @@ def test_executed_flops_match_the_analytic_count(measured):
   for name, n in numbers.items():
     assert n.kernels > 0, name
     visible = passes[name] * flops.forward_flops_per_image(cfg, 0)
+    assert n.dense_per_image == pytest.approx(visible)
     assert 0.99 * visible <= n.flops_per_image <= 1.25 * n.analytic_per_image, name
     assert n.flops_per_image < n.analytic_per_image  # the kernels' share is not counted
 

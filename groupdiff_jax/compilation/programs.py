@@ -22,6 +22,7 @@ class Program:
   images: int               # images one execution processes (the global batch)
   analytic_flops: float     # flops.py's count for those images
   compile_s: float
+  dense_flops: float = 0.0  # the same without attention: what runs outside attention kernels
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -42,9 +43,9 @@ def compile_train(trainer: train_step.Trainer, config) -> Program:
   state = abstract(trainer.abstract_state, trainer.state_shardings)
   t0 = time.perf_counter()
   compiled = step.compile(state, batch_args(trainer))
-  return Program('train step', compiled, trainer.layout.global_batch,
-                 flops.train_flops_per_batch(trainer.model_cfg, trainer.layout),
-                 time.perf_counter() - t0)
+  n, cfg = trainer.layout.global_batch, trainer.model_cfg
+  return Program('train step', compiled, n, flops.train_flops_per_batch(cfg, trainer.layout),
+                 time.perf_counter() - t0, 3 * n * flops.forward_flops_per_image(cfg, 0))
 
 
 def sample_group_sizes(config) -> tuple[int, int | None]:
@@ -80,4 +81,5 @@ def compile_sample(trainer: train_step.Trainer, config) -> Program:
   analytic = n * flops.forward_flops_per_image(cfg, cond_size)
   if uncond_size:
     analytic += n * flops.forward_flops_per_image(cfg, uncond_size)
-  return Program('sampling step', compiled, n, analytic, time.perf_counter() - t0)
+  dense = (2 if uncond_size else 1) * n * flops.forward_flops_per_image(cfg, 0)
+  return Program('sampling step', compiled, n, analytic, time.perf_counter() - t0, dense)
