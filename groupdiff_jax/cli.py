@@ -114,6 +114,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = fv(argv)
   except flags.Error as e:
     required = re.search(r'Flag (--\S+) must have a value other than None', str(e))
+    if 'Traceback (most recent call last)' in str(e):  # ml_collections: the config file raised;
+      lines = [l.strip() for l in str(e).splitlines() if l.strip()]  # its last line says why
+      flag = re.match(r'(?:flag )?(\S+?): Error whilst parsing', lines[0])
+      fail(f'{flag.group(1) if flag else "--config"}: the config file does not load: {lines[-1]}')
     fail(f'{required.group(1)} is required' if required else
          one_line(e) + (' (see --helpshort)' if 'Unknown command line flag' in str(e) else ''))
   except (KeyError, AttributeError) as e:  # ml_collections: an override of a key that is absent

@@ -122,3 +122,11 @@ def test_failed_start_leaves_no_new_directory(tmp_path):
                  '--config.data.source=no_such_source')
   assert_one_line(proc, 'no_such_source')
   assert (workdir / 'notes.txt').read_text() == 'mine'
+
+
+def test_config_file_that_raises_on_its_argument(tmp_path):
+  """A config file's own error (here: an unknown Table 1 row after the colon) is its last line."""
+  proc = run_job('main', '--config=configs/dit_xl_table1.py:uc3', f'--workdir={tmp_path}/new_dir')
+  assert_one_line(proc, '--config=configs/dit_xl_table1.py:uc3: the config file does not load',
+                  'unknown row')
+  assert not os.path.exists(tmp_path / 'new_dir')
