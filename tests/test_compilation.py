@@ -131,3 +131,24 @@ def test_aot_job_answers_a_bad_slice_name_with_one_line(topology_name, message, 
   assert proc.returncode == 2 and proc.stderr.count('\n') == 1, proc.stderr[-2000:]
   assert proc.stderr.startswith('groupdiff_jax: error: ') and message in proc.stderr
   assert not os.path.exists(tmp_path / 'hlo')
+
+
+def test_one_pass_step_with_two_shard_kinds_executes_the_analytic_flops():
+  """28 conditional singles + one unconditional group of 4 over 8 batch shards of 4: one shard
+  attends as a group, seven as singles, each through its branch of a `lax.switch`. Weighted by
+  the share of shards per branch, the executed FLOPs are flops.py's count; counting every
+  branch (what the HLO alone says) overstates them."""
+  from conftest import tiny_config
+  from groupdiff_jax import flops, sharding, train_step
+  from groupdiff_jax.compilation import programs
+  config = tiny_config(**{'data.global_batch': 32, 'group.uncond_fraction': 0.125,
+                          'model.attention': 'xla'})
+  trainer = train_step.build(config, sharding.mesh_from_config(config))
+  program = programs.compile_train(trainer, config)
+  assert program.branch_weights == (7 / 8, 1 / 8) or program.branch_weights == (1 / 8, 7 / 8)
+  text, chips = program.compiled.as_text(), len(jax.devices())
+  analytic = flops.train_flops_per_batch(trainer.model_cfg, trainer.layout)
+  executed = hlo.analyze(text, program.branch_weights).flops * chips
+  every_branch = hlo.analyze(text).flops * chips
+  assert 0.98 * analytic <= executed <= 1.05 * analytic, executed / analytic
+  assert every_branch > 1.1 * executed

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import math
 import re
+from typing import Sequence
 
 DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 's16': 2, 'u16': 2,
                'bf16': 2, 'f16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8,
@@ -138,8 +139,12 @@ def trip_count(condition: list[Instruction], computations: dict | None = None) -
   return 1
 
 
-def multiplicities(computations: dict[str, list[Instruction]], entry: str) -> dict[str, float]:
-  """How many times each computation runs per execution of the entry computation."""
+def multiplicities(computations: dict[str, list[Instruction]], entry: str,
+                   branch_weights: Sequence[float] | None = None) -> dict[str, float]:
+  """How many times each computation runs per execution of the entry computation, on the
+  average chip. A conditional runs one branch: with `branch_weights` (the share of chips taking
+  each branch, for conditionals with that many branches) the branches are weighted by them;
+  otherwise every branch is counted, an upper bound."""
   times: dict[str, float] = collections.defaultdict(float)
 
   def visit(name: str, factor: float) -> None:
@@ -154,8 +159,11 @@ def multiplicities(computations: dict[str, list[Instruction]], entry: str) -> di
         if key not in ('to_apply', 'condition') and callee in computations:
           visit(callee, factor)
       branches = _BRANCHES.search(inst.attrs)
-      for callee in re.findall(r'%?([\w.\-]+)', branches.group(1)) if branches else ():
-        visit(callee, factor)  # every branch counted: an upper bound for `lax.cond`
+      callees = re.findall(r'%?([\w.\-]+)', branches.group(1)) if branches else []
+      weights = (branch_weights if branch_weights and len(branch_weights) == len(callees)
+                 else [1.0] * len(callees))
+      for callee, weight in zip(callees, weights):
+        visit(callee, factor * weight)
 
   visit(entry, 1.0)
   return times
@@ -245,9 +253,9 @@ def _collective_bytes(kind: str, inst: Instruction, shapes: dict[str, str]) -> f
   return nbytes(inst.shape)
 
 
-def analyze(text: str) -> Analysis:
+def analyze(text: str, branch_weights: Sequence[float] | None = None) -> Analysis:
   computations, entry = parse_module(text)
-  times = multiplicities(computations, entry)
+  times = multiplicities(computations, entry, branch_weights)
   shapes = {inst.name: inst.shape for insts in computations.values() for inst in insts}
   out = Analysis()
   for name, insts in computations.items():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import flops, sharding, train_step
+from groupdiff_jax.models import group_attention
 
 
 @dataclasses.dataclass
@@ -23,6 +24,9 @@ class Program:
   analytic_flops: float     # flops.py's count for those images
   compile_s: float
   dense_flops: float = 0.0  # the same without attention: what runs outside attention kernels
+  # Share of chips that take each branch of group attention's per-shard `lax.switch`: a chip
+  # executes one branch, so its FLOPs are weighted by these (None: no switch in the program).
+  branch_weights: tuple[float, ...] | None = None
 
 
 def abstract(tree: Any, shardings: Any) -> Any:
@@ -45,7 +49,8 @@ def compile_train(trainer: train_step.Trainer, config) -> Program:
   compiled = step.compile(state, batch_args(trainer))
   n, cfg = trainer.layout.global_batch, trainer.model_cfg
   return Program('train step', compiled, n, flops.train_flops_per_batch(cfg, trainer.layout),
-                 time.perf_counter() - t0, 3 * n * flops.forward_flops_per_image(cfg, 0))
+                 time.perf_counter() - t0, 3 * n * flops.forward_flops_per_image(cfg, 0),
+                 group_attention.branch_shares(trainer.mesh, trainer.rules, trainer.groups))
 
 
 def sample_group_sizes(config) -> tuple[int, int | None]:

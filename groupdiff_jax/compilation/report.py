@@ -89,7 +89,7 @@ def fsdp_minimum(trainer, compute_bytes: int) -> float:
 def measure(program: programs.Program, topology: Topology, mfu: float,
             fsdp_min: float | None = None) -> Numbers:
   memory = program.compiled.memory_analysis()
-  analysis = hlo.analyze(program.compiled.as_text())
+  analysis = hlo.analyze(program.compiled.as_text(), program.branch_weights)
   chips = topology.chips
   return Numbers(
       program=program.name, chips=chips, images=program.images,

@@ -149,6 +149,17 @@ def _batch_cut(mesh: Mesh, rules, groups: Groups):
   raise AssertionError('one block always holds whole groups')
 
 
+def branch_shares(mesh: Mesh, rules, groups: 'int | Groups') -> tuple[float, ...] | None:
+  """The share of batch shards that take each `lax.switch` branch of `group_attention` (None
+  when every shard runs the same code): what a compiled program's FLOP count weights by."""
+  if not isinstance(groups, Groups):
+    return None
+  _, (kinds, kind_of) = _batch_cut(mesh, rules, groups)
+  if len(kinds) == 1:
+    return None
+  return tuple(kind_of.count(k) / len(kind_of) for k in range(len(kinds)))
+
+
 def mesh_platform(mesh: Mesh) -> str:
   """The platform of the mesh's devices ('tpu' also for an ahead-of-time topology on CPU)."""
   return mesh.devices.flat[0].platform
