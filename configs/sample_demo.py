@@ -9,6 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import demo  # pylint: disable=wrong-import-position
 import sample_sit_xl  # pylint: disable=wrong-import-position
 
 
@@ -18,10 +19,10 @@ def get_config():
   c.batch_size = 200
   c.shard_size = 200
   c.precision = 'float32'   # CPU: bf16 matmuls are slower there
-  c.sample.sampler = 'heun'
-  c.sample.num_steps = 15
-  c.sample.cfg_scale = 3.0
-  c.sample.guidance_low = 0.5
-  c.sample.guidance_high = 1.0
-  c.sample.guided_channels = 0
+  # The sampler settings of the demo's own grid, taken from configs/demo.py so the two cannot
+  # drift apart (sampler, steps, CFG and its interval, guided channels, group sizes).
+  trained = demo.get_config().sample
+  for key in c.sample.keys():
+    if key in trained:
+      c.sample[key] = trained[key]
   return c
