@@ -6,7 +6,7 @@ import pytest
 
 from groupdiff_jax.models import attention as attn
 
-CPU_BACKENDS = ['xla', 'splash']  # splash runs in Pallas interpret mode off TPU
+CPU_BACKENDS = ['xla', 'blocked', 'splash']  # splash runs in Pallas interpret mode off TPU
 
 
 def _qkv(shape=(2, 40, 3, 24), dtype=jnp.float32):
@@ -33,6 +33,25 @@ def test_gradient_matches_reference(backend):
     np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
 
 
+def test_blocked_loops_over_heads_with_a_remainder_and_any_lengths(monkeypatch):
+  """Several heads per loop step and a last, partial step; queries shorter than keys (a
+  context-parallel shard); bfloat16 inputs come back in bfloat16, computed in float32."""
+  monkeypatch.setattr(attn, '_BLOCK_SCORES', 2 * 16 * 40)
+  assert attn._heads_per_step(16, 40) == 2  # 5 heads: steps of 2, 2 and a remainder of 1
+  q = _qkv((1, 16, 5, 24))[0]
+  _, k, v = _qkv((1, 40, 5, 24))
+  probe = jax.random.normal(jax.random.PRNGKey(2), q.shape)
+  np.testing.assert_allclose(attn.blocked_attention(q, k, v), attn.reference_attention(q, k, v),
+                             atol=2e-6, rtol=2e-5)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * probe)
+  got = jax.grad(loss(attn.blocked_attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(attn.reference_attention), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=5e-6, rtol=5e-5)
+  low = attn.blocked_attention(*(a.astype(jnp.bfloat16) for a in (q, k, v)))
+  assert low.dtype == jnp.bfloat16
+
+
 def test_reference_is_softmax_attention():
   q, k, v = _qkv((1, 5, 1, 4))
   logits = np.einsum('qd,kd->qk', q[0, :, 0], k[0, :, 0]) / 2.0
@@ -43,7 +62,7 @@ def test_reference_is_softmax_attention():
 
 
 def test_auto_picks_per_platform():
-  assert attn.resolve_backend('auto', 'cpu') == 'xla'
+  assert attn.resolve_backend('auto', 'cpu') == 'blocked'
   assert attn.resolve_backend('auto', 'gpu') == 'cudnn'
   assert attn.resolve_backend('auto', 'tpu') == 'splash'
   assert attn.resolve_backend('auto') in attn.BACKENDS

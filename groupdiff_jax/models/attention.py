@@ -1,4 +1,5 @@
-"""One attention function, several kernels: 'xla' | 'cudnn' | 'splash' | 'reference', and 'auto'.
+"""One attention function, several kernels: 'xla' | 'blocked' | 'cudnn' | 'splash' | 'reference',
+and 'auto'.
 
 All take q [batch, q_length, heads, head_dim] and k, v [batch, kv_length, heads, head_dim] (BTNH;
 the lengths differ under context parallelism, where a device's queries meet the whole group's
@@ -44,6 +45,94 @@ def member_attention(q: jax.Array, k: jax.Array, group_size: int) -> jax.Array:
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jax.nn.dot_product_attention(q, k, v, implementation='xla')
+
+
+# --- 'blocked': per-head attention whose scores stay in cache (the CPU kernel) -----------------
+
+_BLOCK_SCORES = 1 << 19  # score entries per loop step: 2 MiB of float32, about a core's L2
+
+
+def _heads_first(a: jax.Array) -> jax.Array:
+  """[B, L, H, D] -> [B*H, L, D]."""
+  b, length, heads, dim = a.shape
+  return jnp.transpose(a, (0, 2, 1, 3)).reshape(b * heads, length, dim)
+
+
+def _heads_last(a: jax.Array, batch: int) -> jax.Array:
+  """[B*H, L, D] -> [B, L, H, D]."""
+  n, length, dim = a.shape
+  return jnp.transpose(a.reshape(batch, n // batch, length, dim), (0, 2, 1, 3))
+
+
+def _heads_per_step(q_length: int, kv_length: int) -> int:
+  return max(1, _BLOCK_SCORES // (q_length * kv_length))
+
+
+def _blocked_forward(q, k, v):
+  """Attention of q (pre-scaled), k, v [B*H, L, D], a few heads per loop step; also returns the
+  log-sum-exp of each query's scores [B*H, Lq], all the backward pass needs besides the output."""
+  def heads(args):
+    q, k, v = args
+    scores = q @ k.T
+    peak = scores.max(-1, keepdims=True)
+    weights = jnp.exp(scores - peak)
+    total = weights.sum(-1, keepdims=True)
+    return (weights @ v) / total, (peak + jnp.log(total))[:, 0]
+  return jax.lax.map(heads, (q, k, v),
+                     batch_size=_heads_per_step(q.shape[1], k.shape[1]))
+
+
+@jax.custom_vjp
+def _blocked(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  return _blocked_fwd(q, k, v)[0]
+
+
+def _blocked_fwd(q, k, v):
+  batch, scale = q.shape[0], q.shape[-1] ** -0.5
+  q, k, v = _heads_first(q * scale), _heads_first(k), _heads_first(v)
+  out, lse = _blocked_forward(q, k, v)
+  return _heads_last(out, batch), (q, k, v, out, lse)
+
+
+def _blocked_bwd(residuals, d_out):
+  q, k, v, out, lse = residuals
+  batch, scale = d_out.shape[0], q.shape[-1] ** -0.5
+  d_out = _heads_first(d_out)
+  # softmax backward: dS = P * (dP - rowsum(dO * O)), the row sums precomputed once.
+  d_total = jnp.sum(d_out * out, axis=-1)
+
+  def heads(args):
+    q, k, v, d_out, lse, d_total = args
+    # Keys along rows (P^T, dS^T): every product below then reads its operands in the layout
+    # they are stored in; the XLA CPU dot would otherwise transpose a [Lq, Lk] matrix per head.
+    weights_t = jnp.exp(k @ q.T - lse[None, :])
+    d_v = weights_t @ d_out
+    d_scores_t = weights_t * (v @ d_out.T - d_total[None, :])
+    d_k = d_scores_t @ q
+    d_q = (k.T @ d_scores_t).T * scale
+    return d_q, d_k, d_v
+
+  grads = jax.lax.map(heads, (q, k, v, d_out, lse, d_total),
+                      batch_size=_heads_per_step(q.shape[1], k.shape[1]))
+  return tuple(_heads_last(g, batch) for g in grads)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Exact softmax attention computed a few heads at a time, in float32, with a flash-style
+  backward pass (recomputes the scores from the saved log-sum-exp).
+
+  Why: 'xla' materialises the scores of every head at once ([B, H, Lq, Lk]: 100 MB per layer for
+  groups of 4 at 256 tokens) and XLA's CPU backend streams them through memory several times; a
+  loop over heads keeps each step's scores (~2 MiB) in cache, which made the CPU forward of group
+  attention ~3x faster (BENCHMARKS.md). It is the CPU choice of 'auto'; accelerators keep their
+  fused kernels.
+  """
+  dtype = q.dtype
+  q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+  return _blocked(q, k, v).astype(dtype)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -118,12 +207,14 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 BACKENDS: dict[str, AttentionFn] = {
     'reference': reference_attention,
     'xla': xla_attention,
+    'blocked': blocked_attention,
     'cudnn': cudnn_attention,
     'splash': splash_attention,
 }
 
-# What 'auto' picks on each platform: the fused kernel where one exists, XLA elsewhere.
-AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'xla'}
+# What 'auto' picks on each platform: the fused kernel where one exists, the cache-blocked loop on
+# CPU, XLA elsewhere.
+AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'blocked'}
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
