@@ -1,8 +1,10 @@
 """SiT/DiT backbone facts and the GroupDiff change (group attention, sample embedding)."""
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -239,3 +241,43 @@ def test_context_parallel_model_equals_the_unsharded_model(shape):
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                got_grad, want_grad)
+
+
+def _jaxpr_of_gradient(residuals: str, remat: bool = False) -> tuple[str, dict]:
+  model, _ = _tiny(residuals=residuals, remat=remat)
+  graphdef, params = nnx.split(model)
+  x, t, y = _inputs(8)
+  ids = jnp.array([0, 1, 2, 3, 3, 2, 1, 0])
+  groups = sit.Groups(((4, 1), (4, 4)))
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(x, t, y, group_size=groups, sample_ids=ids)
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+  return str(jax.make_jaxpr(jax.grad(loss))(params)), jax.jit(jax.grad(loss))(params)
+
+
+def test_saving_only_the_dense_outputs_gives_the_same_gradients():
+  """model.residuals='dots' (CPU's 'auto') recomputes the elementwise parts of each block in the
+  backward pass, attention keeps its own residuals, and the gradients do not change."""
+  all_jaxpr, want = _jaxpr_of_gradient('all')
+  dots_jaxpr, got = _jaxpr_of_gradient('dots')
+  assert 'policy=' not in all_jaxpr and 'policy=' in dots_jaxpr  # jax.checkpoint's policy
+  assert dots_jaxpr.count('custom_vjp_call') == all_jaxpr.count('custom_vjp_call')
+  # float32 sums in another order: agreement to ~1e-6 of each gradient's scale
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+  jax.tree.map(close, got, want)
+  _, full = _jaxpr_of_gradient('dots', remat=True)  # remat wins: the whole block recomputed
+  jax.tree.map(close, full, want)
+
+
+def test_residuals_auto_picks_per_platform_and_names_are_checked():
+  cfg = sit.SiTConfig(depth=1, hidden=8, heads=1, patch=2)
+  assert sit.sublayer_policy(cfg, 'cpu') is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  assert sit.sublayer_policy(cfg, 'tpu') is None and sit.sublayer_policy(cfg, 'gpu') is None
+  assert sit.sublayer_policy(dataclasses.replace(cfg, residuals='all'), 'cpu') is None
+  model_cfg = ml_collections.ConfigDict(dict(
+      name='SiT-S/2', input_size=32, in_channels=4, num_classes=10, learn_sigma=False,
+      max_group_size=4, fixed_sample_ids=False, attention='auto', dtype='float32',
+      param_dtype='float32', remat=False, residuals='some', time_convention='noise_at_1'))
+  with pytest.raises(sit.ModelConfigError, match="unknown model.residuals 'some'"):
+    sit.config_from(model_cfg)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from groupdiff_jax import sharding
 from groupdiff_jax.models.attention import member_attention
-from groupdiff_jax.models.group_attention import Groups, as_groups, group_attention
+from groupdiff_jax.models.group_attention import Groups, as_groups, group_attention, mesh_platform
 
 # name -> (depth, hidden, heads); the official DiT/SiT sizes.
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -58,6 +58,7 @@ class SiTConfig:
   dtype: str = 'bfloat16'
   param_dtype: str = 'float32'
   remat: bool = False
+  residuals: str = 'auto'
   time_convention: str = 'noise_at_1'
 
   @property
@@ -93,13 +94,35 @@ def config_from(model_cfg) -> SiTConfig:
     raise ModelConfigError(f'hidden {hidden} must be divisible by heads {heads} and by 4')
   if model_cfg.time_convention not in ('noise_at_1', 'noise_at_0'):
     raise ModelConfigError(f'unknown time_convention {model_cfg.time_convention!r}')
+  if model_cfg.get('residuals', 'auto') not in RESIDUALS:
+    raise ModelConfigError(f'unknown model.residuals {model_cfg.residuals!r}; known: '
+                           + ', '.join(RESIDUALS))
   return SiTConfig(
       depth=depth, hidden=hidden, heads=heads, patch=patch, input_size=model_cfg.input_size,
       in_channels=model_cfg.in_channels, num_classes=model_cfg.num_classes,
       learn_sigma=model_cfg.learn_sigma, max_group_size=model_cfg.max_group_size,
       fixed_sample_ids=model_cfg.fixed_sample_ids, attention=model_cfg.attention,
       dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-      time_convention=model_cfg.time_convention)
+      residuals=model_cfg.get('residuals', 'auto'), time_convention=model_cfg.time_convention)
+
+
+# What the backward pass keeps of each block (model.residuals), unless model.remat recomputes the
+# whole block: every intermediate ('all': plain autodiff), or, in the sublayers around attention,
+# only the outputs of the dense layers ('dots'; layer norms, modulation and GELU are recomputed
+# from them; attention keeps its own residuals). 'auto' picks per platform: on CPU every saved
+# elementwise intermediate is a trip through memory (stacked by the layer scan, zero-filled,
+# written and read back), which costs more than recomputing it (train step SiT-S/2 5.6 s -> 4.8 s,
+# BENCHMARKS.md); accelerators keep 'all', so their compiled step is unchanged.
+RESIDUALS = ('auto', 'all', 'dots')
+AUTO_RESIDUALS = {'cpu': 'dots'}
+
+
+def sublayer_policy(cfg: SiTConfig, platform: str):
+  """The `jax.checkpoint` policy of the sublayers around attention, or None (plain autodiff)."""
+  residuals = AUTO_RESIDUALS.get(platform, 'all') if cfg.residuals == 'auto' else cfg.residuals
+  if residuals == 'dots' and not cfg.remat:
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return None
 
 
 # Fields of a checkpoint's meta['model'] that define the function (the rest are runtime choices).
@@ -202,33 +225,39 @@ class Block(nnx.Module):
     self.fc2 = _dense(cfg, mlp, d, _xavier(('mlp', 'embed')), rngs, ('embed',))
     self.adaLN_modulation = _dense(cfg, d, 6 * d, _zeros(('embed', 'mlp')), rngs, ('mlp',))
 
-  def attn(self, h: jax.Array, groups: Groups, with_mass: bool = False):
-    """The attention sublayer; with_mass also returns `member_attention` of its q, k."""
-    n, t, d = h.shape
-    heads = self.cfg.heads
-    qkv = self.qkv(h).reshape(n, t, 3, heads, d // heads)   # [q | k | v], each (heads, head_dim)
+  def _qkv(self, x, c):
+    """adaLN modulation vectors [n, 6*d] and the attention's q, k, v [n, t, 3, heads, head_dim]."""
+    n, t, d = x.shape
+    mods = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
+    shift1, scale1 = jnp.split(mods, 6, axis=-1)[:2]
+    h = _modulate(_layer_norm(x), shift1, scale1).astype(self.cfg.dtype)
+    return mods, self.qkv(h).reshape(n, t, 3, self.cfg.heads, d // self.cfg.heads)
+
+  def _rest(self, x, attended, mods):
+    """Attention projection and residual, then the MLP sublayer; attended: [n, t, heads, hd]."""
+    n, t, d = x.shape
+    _, _, gate1, shift2, scale2, gate2 = jnp.split(mods, 6, axis=-1)
+    x = x + gate1[:, None, :] * self.proj(attended.reshape(n, t, d)).astype(jnp.float32)
+    h = _modulate(_layer_norm(x), shift2, scale2).astype(self.cfg.dtype)
+    h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
+    return x + gate2[:, None, :] * h.astype(jnp.float32)
+
+  def __call__(self, x, c, groups: Groups, with_mass: bool = False, policy=None):
+    """policy: a `jax.checkpoint` policy for the two sublayers around attention (attention
+    itself keeps its own residuals: recomputing it would cost more than it saves)."""
+    qkv_fn, rest_fn = self._qkv, self._rest
+    if policy is not None:
+      qkv_fn, rest_fn = (jax.checkpoint(f, policy=policy) for f in (qkv_fn, rest_fn))
+    mods, qkv = qkv_fn(x, c)
     qkv = sharding.constrain(qkv, ('batch', 'tokens', None, 'heads', None))
     # GroupDiff (i): the M images of each group attend jointly over M*T tokens.
-    out = group_attention(qkv, groups, self.cfg.attention)   # [n, t, heads, head_dim]
-    out = self.proj(out.reshape(n, t, d))
+    attended = group_attention(qkv, groups, self.cfg.attention)   # [n, t, heads, head_dim]
+    x = sharding.constrain(rest_fn(x, attended, mods), ('batch', 'tokens', None))
     if with_mass:  # diagnostics only (S_cross, uniform groups): the output above is unchanged
       (_, m), = groups.segments
-      grouped = qkv.reshape(n // m, m * t, 3, heads, d // heads)
-      return out, member_attention(grouped[:, :, 0], grouped[:, :, 1], m)
-    return out
-
-  def __call__(self, x, c, groups: Groups, with_mass: bool = False):
-    mods = self.adaLN_modulation(jax.nn.silu(c)).astype(jnp.float32)
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mods, 6, axis=-1)
-    dtype = jnp.dtype(self.cfg.dtype)
-    h = _modulate(_layer_norm(x), shift1, scale1).astype(dtype)
-    a, mass = self.attn(h, groups, True) if with_mass else (self.attn(h, groups), None)
-    x = x + gate1[:, None, :] * a.astype(jnp.float32)
-    h = _modulate(_layer_norm(x), shift2, scale2).astype(dtype)
-    h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
-    x = x + gate2[:, None, :] * h.astype(jnp.float32)
-    x = sharding.constrain(x, ('batch', 'tokens', None))
-    return (x, mass) if with_mass else x
+      grouped = qkv.reshape(qkv.shape[0] // m, m * qkv.shape[1], *qkv.shape[2:])
+      return x, member_attention(grouped[:, :, 0], grouped[:, :, 1], m)
+    return x
 
 
 class FinalLayer(nnx.Module):
@@ -322,6 +351,8 @@ class SiT(nnx.Module):
     c = c.astype(jnp.float32)
 
     graphdef, layers = nnx.split(self.blocks)
+    ctx = sharding.active()
+    policy = sublayer_policy(cfg, jax.default_backend() if ctx is None else mesh_platform(ctx[0]))
 
     def run_blocks(h, layers, size):
       def one_block(h, layer):
@@ -329,7 +360,7 @@ class SiT(nnx.Module):
         block = nnx.merge(graphdef, sharding.gather_for_compute(layer, cfg.dtype))
         if return_attention_mass:  # the per-layer mass leaves the scan as its stacked output
           return block(h, c, size, with_mass=True)
-        return block(h, c, size), None
+        return block(h, c, size, policy=policy), None
       if cfg.remat:
         one_block = jax.checkpoint(one_block, policy=jax.checkpoint_policies.nothing_saveable)
       return jax.lax.scan(one_block, h, layers)
