@@ -247,7 +247,10 @@ class Block(nnx.Module):
     itself keeps its own residuals: recomputing it would cost more than it saves)."""
     qkv_fn, rest_fn = self._qkv, self._rest
     if policy is not None:
-      qkv_fn, rest_fn = (jax.checkpoint(f, policy=policy) for f in (qkv_fn, rest_fn))
+      # prevent_cse=False: the blocks run under a scan, which already keeps XLA from merging the
+      # recomputation with the forward; the default's barriers would only block fusion.
+      qkv_fn, rest_fn = (jax.checkpoint(f, policy=policy, prevent_cse=False)
+                         for f in (qkv_fn, rest_fn))
     mods, qkv = qkv_fn(x, c)
     qkv = sharding.constrain(qkv, ('batch', 'tokens', None, 'heads', None))
     # GroupDiff (i): the M images of each group attend jointly over M*T tokens.
