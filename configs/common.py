@@ -99,7 +99,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sample.cond_group_size = 1
   c.sample.uncond_group_size = 4
   c.sample.guided_channels = 0   # 0 = all channels; 3 reproduces the DiT/SiT legacy quirk
-  c.sample.num_images = 16       # the end-of-training PNG grid
+  c.sample.num_images = 16       # the end-of-training PNG grid (0: none)
   c.sample.write_grid = False    # pixel-space models (the demo) write a PNG grid at the end
   c.sample.seed = 0
 

@@ -206,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
 
   # --- a grid of samples from the EMA weights -----------------------------------------------
-  if config.sample.write_grid and step == config.total_steps:
+  if config.sample.write_grid and config.sample.num_images > 0 and step == config.total_steps:
     t0 = time.perf_counter()  # every process samples (one SPMD program); process 0 writes
     images, labels = generate.generate_images(trainer, config.sample, state['ema'],
                                          config.sample.num_images, config.sample.seed)

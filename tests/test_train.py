@@ -256,6 +256,14 @@ def test_variants_train_and_log(tmp_path, capsys, cond, uncond):
   assert b'loss' in content and b'images_per_sec' in content
 
 
+def test_no_grid_and_no_error_when_the_grid_has_no_images(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train(tiny_config(total_steps=1, **{'sample.write_grid': True, 'sample.num_images': 0}),
+              workdir)
+  assert train.steps_done(workdir) == [1]
+  assert not glob.glob(os.path.join(workdir, 'samples_step*.png'))
+
+
 # --- one pass per step ------------------------------------------------------------------------
 
 @pytest.mark.parametrize('overrides', [
