@@ -165,6 +165,13 @@ def mesh_platform(mesh: Mesh) -> str:
   return mesh.devices.flat[0].platform
 
 
+def active_platform() -> str:
+  """Where the code being traced will run: the mesh's platform inside `sharding.use_mesh`, else
+  JAX's default backend. Per-platform choices ('auto' attention, residuals) key on this."""
+  ctx = sharding.active()
+  return jax.default_backend() if ctx is None else mesh_platform(ctx[0])
+
+
 def group_attention(qkv: jax.Array, groups: 'int | Groups', backend: str = 'auto') -> jax.Array:
   """qkv: [N, T, 3, H, Dh] (q, k, v of every image); returns the attention output [N, T, H, Dh]
   where the images of each group attend jointly over their tokens."""

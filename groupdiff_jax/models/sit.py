@@ -29,7 +29,8 @@ from flax import nnx
 
 from groupdiff_jax import sharding
 from groupdiff_jax.models.attention import member_attention
-from groupdiff_jax.models.group_attention import Groups, as_groups, group_attention, mesh_platform
+from groupdiff_jax.models.group_attention import (Groups, active_platform, as_groups,
+                                                  group_attention)
 
 # name -> (depth, hidden, heads); the official DiT/SiT sizes.
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -94,16 +95,16 @@ def config_from(model_cfg) -> SiTConfig:
     raise ModelConfigError(f'hidden {hidden} must be divisible by heads {heads} and by 4')
   if model_cfg.time_convention not in ('noise_at_1', 'noise_at_0'):
     raise ModelConfigError(f'unknown time_convention {model_cfg.time_convention!r}')
-  if model_cfg.get('residuals', 'auto') not in RESIDUALS:
-    raise ModelConfigError(f'unknown model.residuals {model_cfg.residuals!r}; known: '
-                           + ', '.join(RESIDUALS))
+  residuals = model_cfg.get('residuals', 'auto')  # absent from configs written before it existed
+  if residuals not in RESIDUALS:
+    raise ModelConfigError(f'unknown model.residuals {residuals!r}; known: ' + ', '.join(RESIDUALS))
   return SiTConfig(
       depth=depth, hidden=hidden, heads=heads, patch=patch, input_size=model_cfg.input_size,
       in_channels=model_cfg.in_channels, num_classes=model_cfg.num_classes,
       learn_sigma=model_cfg.learn_sigma, max_group_size=model_cfg.max_group_size,
       fixed_sample_ids=model_cfg.fixed_sample_ids, attention=model_cfg.attention,
       dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-      residuals=model_cfg.get('residuals', 'auto'), time_convention=model_cfg.time_convention)
+      residuals=residuals, time_convention=model_cfg.time_convention)
 
 
 # What the backward pass keeps of each block (model.residuals), unless model.remat recomputes the
@@ -354,8 +355,7 @@ class SiT(nnx.Module):
     c = c.astype(jnp.float32)
 
     graphdef, layers = nnx.split(self.blocks)
-    ctx = sharding.active()
-    policy = sublayer_policy(cfg, jax.default_backend() if ctx is None else mesh_platform(ctx[0]))
+    policy = sublayer_policy(cfg, active_platform())
 
     def run_blocks(h, layers, size):
       def one_block(h, layer):
