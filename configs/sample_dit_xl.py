@@ -13,17 +13,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+import dit_xl  # pylint: disable=wrong-import-position
 import sample_sit_xl  # pylint: disable=wrong-import-position
 
 
 def get_config():
   c = sample_sit_xl.get_config()
-  c.sample.sampler = 'ddpm'
-  c.sample.num_steps = 250
-  c.sample.cfg_scale = 1.65
-  c.sample.guidance_low = 0.0
-  c.sample.guidance_high = 1.0
-  c.sample.guided_channels = 0   # all eps channels (3 = DiT's legacy quirk, for official DiT)
-  c.sample.cond_group_size = 1
-  c.sample.uncond_group_size = 4
+  # The sampler settings the training config declares (DDPM 250 steps, CFG 1.65 on all eps
+  # channels for every t, groups 1 / 4), taken from configs/dit_xl.py so the two cannot drift.
+  trained = dit_xl.get_config().sample
+  for key in c.sample.keys():
+    if key in trained:
+      c.sample[key] = trained[key]
   return c

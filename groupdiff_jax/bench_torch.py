@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
                f'float32 | {FLAGS.reps} interleaved rounds, medians | load average '
                + ' '.join(f'{v:.1f}' for v in os.getloadavg()))
   rows = vs_torch.run_cases(base, cases, FLAGS.reps, FLAGS.torch_compile)
-  vs_torch.print_rows(rows)
+  progress.print_table(rows, '.2f')
   progress.say('load average after: ' + ' '.join(f'{v:.1f}' for v in os.getloadavg()))
 
 

@@ -106,7 +106,7 @@ def active() -> tuple[Mesh, tuple] | None:
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical axis names; a no-op outside `use_mesh`."""
-  ctx = getattr(_CONTEXT, 'value', None)
+  ctx = active()
   if ctx is None:
     return x
   mesh, rules = ctx
@@ -237,7 +237,7 @@ def gather_for_compute(layer: nnx.State, dtype: Any) -> dict:
   dtype = jnp.dtype(dtype)
   names = nnx.to_pure_dict(nnx.get_partition_spec(layer))
   values = nnx.to_pure_dict(layer)
-  ctx = getattr(_CONTEXT, 'value', None)
+  ctx = active()
 
   def gather(value, spec):
     if not jnp.issubdtype(value.dtype, jnp.floating) or value.dtype == dtype:

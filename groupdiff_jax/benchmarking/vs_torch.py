@@ -265,7 +265,3 @@ def run_cases(base, cases: list[Case], reps: int, torch_compile: bool) -> list[d
     rows.append(row)
     bar.update(1, f'{case.name}: jax / eager {row["jax / eager"]:.2f}x')
   return rows
-
-
-def print_rows(rows: list[dict]) -> None:
-  progress.print_table(rows, '.2f')

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 from groupdiff_jax import flops, sharding, train_step
 from groupdiff_jax.models import group_attention
 
+# The programs the AOT tool compiles, by --programs name.
+NAMES = {'train': 'train step', 'sample': 'sampling step'}
+
 
 @dataclasses.dataclass
 class Program:
@@ -48,7 +51,7 @@ def compile_train(trainer: train_step.Trainer, config) -> Program:
   t0 = time.perf_counter()
   compiled = step.compile(state, batch_args(trainer))
   n, cfg = trainer.layout.global_batch, trainer.model_cfg
-  return Program('train step', compiled, n, flops.train_flops_per_batch(cfg, trainer.layout),
+  return Program(NAMES['train'], compiled, n, flops.train_flops_per_batch(cfg, trainer.layout),
                  time.perf_counter() - t0, 3 * n * flops.forward_flops_per_image(cfg, 0),
                  group_attention.branch_shares(trainer.mesh, trainer.rules, trainer.groups))
 
@@ -87,4 +90,4 @@ def compile_sample(trainer: train_step.Trainer, config) -> Program:
   if uncond_size:
     analytic += n * flops.forward_flops_per_image(cfg, uncond_size)
   dense = (2 if uncond_size else 1) * n * flops.forward_flops_per_image(cfg, 0)
-  return Program('sampling step', compiled, n, analytic, time.perf_counter() - t0, dense)
+  return Program(NAMES['sample'], compiled, n, analytic, time.perf_counter() - t0, dense)

@@ -30,6 +30,8 @@ from groupdiff_jax import generate, image_grid, progress
 from groupdiff_jax.cli import UserError
 from groupdiff_jax.diffusion import registry
 from groupdiff_jax.evaluation import metrics, npz_images, s_cross
+from groupdiff_jax.models import group_attention
+from groupdiff_jax.sampling import job
 from groupdiff_jax.train_step import Trainer
 
 
@@ -105,7 +107,6 @@ def _inception(config, trainer: Trainer, workdir: str) -> Reference:
     raise UserError(f'--config.eval.inception_weights={e.inception_weights!r}: no such file (the '
                     'FID Inception weights, pt_inception-2015-12-05-6726825d.pth; '
                     'docs/evaluation.md)')
-  read_ref_stats(e.ref_stats)  # a bad file fails here, before the (slower) weights load
   if trainer.model_cfg.in_channels not in (1, 3) and not e.vae:
     raise UserError(f'{trainer.model_cfg.in_channels}-channel latents need a decoder for FID: '
                     'pass --config.eval.vae=DIR (a diffusers AutoencoderKL directory)')
@@ -140,8 +141,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 def batch_size(requested: int, group: int, shards: int, num_samples: int) -> int:
   """Images per sampling call: whole groups, a multiple of the batch shards, no more than
   needed for num_samples."""
-  unit = np.lcm(group, shards)
-  return int(unit * max(1, -(-min(requested, num_samples) // unit)))
+  return job.batch_for(min(requested, num_samples), group, shards)
 
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ class Evaluator:
 
   def __post_init__(self):
     self._generate = generate.make_generate_fn(self.trainer, self.sample_cfg)  # jitted once
-    self.group = max(self.sample_cfg.cond_group_size, self.sample_cfg.uncond_group_size)
+    self.group = job.eval_group_size(self.sample_cfg)
 
   def due(self, step: int, last_step: int) -> bool:
     return step % self.every_steps == 0 or step == last_step
@@ -204,16 +204,13 @@ class Evaluator:
 
 
 def build(config: ml_collections.ConfigDict, trainer: Trainer, workdir: str) -> Evaluator | None:
-  """The evaluator of a run, or None when `eval.every_steps` is 0."""
-  check(config)
+  """The evaluator of a run, or None when `eval.every_steps` is 0. `check(config)` has run
+  (train.py calls it before any work; it also validates the reference statistics file)."""
   e = config.eval
   if not e.every_steps:
     return None
-  image_sharding = trainer.batch_shardings['image']
-  axes = image_sharding.spec[0] if image_sharding.spec else None
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  shards = int(np.prod([image_sharding.mesh.shape[a] for a in axes]))
-  group = max(config.sample.cond_group_size, config.sample.uncond_group_size)
+  shards = group_attention.batch_shard_counts(trainer.mesh, trainer.rules)[0]
+  group = job.eval_group_size(config.sample)
   reference = REFERENCES[e.reference](config, trainer, workdir)
   return Evaluator(trainer, config.sample, reference, e.every_steps, e.num_samples,
                    batch_size(e.batch_size, group, shards, e.num_samples), e.seed,

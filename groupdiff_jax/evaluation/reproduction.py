@@ -20,7 +20,8 @@ import time
 import ml_collections
 import numpy as np
 
-from groupdiff_jax import progress
+from groupdiff_jax import cli, progress
+from groupdiff_jax.evaluation.evaluator import write_json
 
 # arm -> config overrides (dotted keys)
 ARMS: dict[str, dict] = {
@@ -42,12 +43,7 @@ def run_config(base: ml_collections.ConfigDict, arm: str, seed: int,
   the last step with the shared classifier."""
   c = base.copy_and_resolve_references()
   with c.unlocked():
-    for key, value in ARMS[arm].items():
-      node = c
-      *parents, leaf = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+    cli.set_dotted(c, ARMS[arm])
     c.seed = seed
     c.sample.seed = seed
     c.eval.every_steps = c.total_steps
@@ -55,13 +51,6 @@ def run_config(base: ml_collections.ConfigDict, arm: str, seed: int,
     c.eval.classifier_dir = classifier_dir
     c.sample.write_grid = False
   return c
-
-
-def write_json(path: str, data) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
 
 
 def run_grid(base: ml_collections.ConfigDict, workdir: str, arms: list[str],
