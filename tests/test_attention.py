@@ -6,7 +6,11 @@ import pytest
 
 from groupdiff_jax.models import attention as attn
 
-CPU_BACKENDS = ['xla', 'blocked', 'splash']  # splash runs in Pallas interpret mode off TPU
+from groupdiff_jax.models import flash_cpu
+
+# splash runs in Pallas interpret mode off TPU; flash_cpu needs a C++ compiler (every CI machine
+# has one: a missing compiler must fail here, not skip).
+CPU_BACKENDS = ['xla', 'blocked', 'flash_cpu', 'splash']
 
 
 def _qkv(shape=(2, 40, 3, 24), dtype=jnp.float32):
@@ -52,6 +56,50 @@ def test_blocked_loops_over_heads_with_a_remainder_and_any_lengths(monkeypatch):
   assert low.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize('q_shape,kv_length', [
+    ((3, 50, 2, 64), 70),     # queries shorter than keys (context parallelism), rows in place
+    ((1, 20, 2, 72), 33),     # SiT-XL's head_dim 72: rows packed to whole vectors
+    ((2, 256, 6, 64), 256),   # SiT-S/2's shape: several row tiles and key blocks
+    ((1, 7, 1, 8), 5),        # fewer tokens than one vector: everything is padding but 5 keys
+])
+def test_flash_cpu_any_lengths_and_head_dims(q_shape, kv_length):
+  """The C++ kernel pads lengths and head_dim to whole vectors internally: padded keys must get
+  no weight and padded queries no gradient, for lengths and dims that are not multiples of 16."""
+  q = 2 * _qkv(q_shape)[0]  # sharper softmax than unit logits
+  _, k, v = _qkv((q_shape[0], kv_length, *q_shape[2:]))
+  probe = jax.random.normal(jax.random.PRNGKey(2), q.shape)
+  np.testing.assert_allclose(flash_cpu.flash_cpu_attention(q, k, v),
+                             attn.reference_attention(q, k, v), atol=1e-5, rtol=1e-5)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * probe)
+  got = jax.grad(loss(flash_cpu.flash_cpu_attention), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(attn.reference_attention), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=2e-5 * float(jnp.abs(w).max()), rtol=1e-4)
+
+
+def test_flash_cpu_under_vmap_and_in_bfloat16():
+  q, k, v = _qkv((3, 2, 24, 2, 16))  # a leading vmapped axis over [B, L, H, D]
+  got = jax.vmap(flash_cpu.flash_cpu_attention)(q, k, v)
+  np.testing.assert_allclose(got, jax.vmap(attn.reference_attention)(q, k, v), atol=1e-5)
+  low = flash_cpu.flash_cpu_attention(*(a[0].astype(jnp.bfloat16) for a in (q, k, v)))
+  assert low.dtype == jnp.bfloat16
+
+
+def test_flash_cpu_is_built_once_per_machine_and_cached(tmp_path, monkeypatch):
+  """The build is keyed by source, compiler, jax and CPU: a second build is the cached file; a
+  broken compiler is a one-line KernelUnavailable naming it, and 'auto' then keeps 'blocked'."""
+  monkeypatch.setenv('GROUPDIFF_JAX_KERNEL_CACHE', str(tmp_path))
+  first = flash_cpu.build()
+  assert first.parent == tmp_path and first.exists()
+  stamp = first.stat().st_mtime_ns
+  assert flash_cpu.build() == first and first.stat().st_mtime_ns == stamp
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  with pytest.raises(flash_cpu.KernelUnavailable, match='no working C[+][+] compiler'):
+    flash_cpu.build()
+  monkeypatch.setattr(flash_cpu, 'available', lambda: False)
+  assert attn.resolve_backend('auto', 'cpu') == 'blocked'
+
+
 def test_reference_is_softmax_attention():
   q, k, v = _qkv((1, 5, 1, 4))
   logits = np.einsum('qd,kd->qk', q[0, :, 0], k[0, :, 0]) / 2.0
@@ -62,7 +110,7 @@ def test_reference_is_softmax_attention():
 
 
 def test_auto_picks_per_platform():
-  assert attn.resolve_backend('auto', 'cpu') == 'blocked'
+  assert attn.resolve_backend('auto', 'cpu') == 'flash_cpu'
   assert attn.resolve_backend('auto', 'gpu') == 'cudnn'
   assert attn.resolve_backend('auto', 'tpu') == 'splash'
   assert attn.resolve_backend('auto') in attn.BACKENDS

@@ -113,7 +113,9 @@ def _sharded(groups, backend, shape):
 @pytest.mark.parametrize('backend,shape', [
     ('xla', (1, 8, 1)),    # 8 batch shards: 2 kinds of shard, picked by lax.switch
     ('xla', (2, 1, 4)),    # context parallel: tokens over 4 devices, K/V all-gathered
-    ('blocked', (2, 1, 4)),  # the CPU kernel with queries shorter than keys (context parallel)
+    ('blocked', (2, 1, 4)),  # the XLA CPU loop with queries shorter than keys (context parallel)
+    ('flash_cpu', (2, 1, 4)),  # the C++ CPU kernel, the same
+    ('flash_cpu', (1, 8, 1)),  # ... in both branches of the lax.switch
     ('splash', (2, 2, 2)),  # the Pallas kernel (interpret mode) inside shard_map, both at once
 ])
 def test_sharded_forward_and_gradient_equal_the_plain_computation(backend, shape):
@@ -144,5 +146,5 @@ def test_splash_traced_twice_needs_no_retrace_of_the_kernel():
 def test_auto_follows_the_platform_of_the_mesh_devices():
   mesh = sharding.make_mesh(AXES, (1, 8, 1))
   assert ga.mesh_platform(mesh) == 'cpu'
-  assert attn.resolve_backend('auto', ga.mesh_platform(mesh)) == 'blocked'
+  assert attn.resolve_backend('auto', ga.mesh_platform(mesh)) == 'flash_cpu'
   assert attn.resolve_backend('auto', 'tpu') == 'splash'

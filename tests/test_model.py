@@ -207,12 +207,15 @@ def test_mixed_groups_in_one_pass_equal_one_call_per_group_size():
   ids = jnp.array([0, 2, 3, 1, 0, 1, 2, 3])
   groups = sit.Groups(((2, 1), (4, 4), (2, 2)))
   out = model(x, t, y, group_size=groups, sample_ids=ids)
+  # Outputs are O(1-5); XLA's CPU dots block differently for 8 rows than for 2 or 4, which moves
+  # float32 results by a few 1e-6 with any attention kernel (a wrong grouping moves them by O(1)).
+  tol = dict(rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out[:2], model(x[:2], t[:2], y[:2], group_size=1, sample_ids=ids[:2]),
-                             rtol=1e-5, atol=1e-6)
+                             **tol)
   np.testing.assert_allclose(out[2:6], model(x[2:6], t[2:6], y[2:6], group_size=4,
-                                             sample_ids=ids[2:6]), rtol=1e-5, atol=1e-6)
+                                             sample_ids=ids[2:6]), **tol)
   np.testing.assert_allclose(out[6:], model(x[6:], t[6:], y[6:], group_size=2,
-                                            sample_ids=ids[6:]), rtol=1e-5, atol=1e-6)
+                                            sample_ids=ids[6:]), **tol)
 
 
 @pytest.mark.parametrize('shape', [(2, 1, 4), (1, 2, 4)])

@@ -1,5 +1,5 @@
-"""One attention function, several kernels: 'xla' | 'blocked' | 'cudnn' | 'splash' | 'reference',
-and 'auto'.
+"""One attention function, several kernels: 'xla' | 'blocked' | 'flash_cpu' | 'cudnn' | 'splash' |
+'reference', and 'auto'.
 
 All take q [batch, q_length, heads, head_dim] and k, v [batch, kv_length, heads, head_dim] (BTNH;
 the lengths differ under context parallelism, where a device's queries meet the whole group's
@@ -13,6 +13,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from groupdiff_jax.models import flash_cpu
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -210,20 +212,27 @@ BACKENDS: dict[str, AttentionFn] = {
     'reference': reference_attention,
     'xla': xla_attention,
     'blocked': blocked_attention,
+    'flash_cpu': flash_cpu.flash_cpu_attention,
     'cudnn': cudnn_attention,
     'splash': splash_attention,
 }
 
-# What 'auto' picks on each platform: the fused kernel where one exists, the cache-blocked loop on
-# CPU, XLA elsewhere.
-AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'blocked'}
+# What 'auto' picks on each platform: the fused kernel where one exists (on CPU the hand-written
+# one, built on first use; the cache-blocked XLA loop where no C++ compiler works), XLA elsewhere.
+AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'flash_cpu'}
+FALLBACK = {'flash_cpu': 'blocked'}
+# Kernels whose outputs carry no shard_map varying-axes types (a Pallas kernel, a custom call).
+UNTYPED = frozenset({'splash', 'flash_cpu'})
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
   """Maps 'auto' to a concrete backend for `platform` (the devices the attention runs on;
   default: JAX's default backend) and checks the name."""
   if name == 'auto':
-    return AUTO.get(platform or jax.default_backend(), 'xla')
+    name = AUTO.get(platform or jax.default_backend(), 'xla')
+    if name == 'flash_cpu' and not flash_cpu.available():
+      name = FALLBACK[name]
+    return name
   if name not in BACKENDS:
     raise ValueError(f'unknown attention backend {name!r}; known: auto, {", ".join(BACKENDS)}')
   return name

@@ -203,7 +203,7 @@ def group_attention(qkv: jax.Array, groups: 'int | Groups', backend: str = 'auto
   names = lambda axes: axes or None
   in_spec = P(names(batch_axes), names(token_axes), None, names(head_axes), None)
   out_spec = P(names(batch_axes), names(token_axes), names(head_axes), None)
-  # Pallas kernels declare no varying-manual-axes types for their outputs: splash runs unchecked.
-  check_vma = attention_lib.resolve_backend(backend, platform) != 'splash'
+  # Pallas and FFI kernels declare no varying-manual-axes types for their outputs: run unchecked.
+  check_vma = attention_lib.resolve_backend(backend, platform) not in attention_lib.UNTYPED
   return jax.shard_map(local, mesh=mesh, in_specs=in_spec, out_specs=out_spec,
                        check_vma=check_vma)(qkv)
