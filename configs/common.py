@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.learn_sigma = False
   c.model.max_group_size = 4     # rows of the sample-embedding table; 0 disables it
   c.model.fixed_sample_ids = False
-  c.model.attention = 'auto'     # xla | blocked | cudnn | splash | auto (per platform)
+  c.model.attention = 'auto'     # xla | blocked | flash_cpu | cudnn | splash | auto (per platform)
   c.model.dtype = 'bfloat16'     # compute dtype; parameters stay in param_dtype
   c.model.param_dtype = 'float32'
   c.model.remat = False          # rematerialise each block in the backward pass

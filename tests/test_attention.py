@@ -96,6 +96,11 @@ def test_flash_cpu_is_built_once_per_machine_and_cached(tmp_path, monkeypatch):
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
   with pytest.raises(flash_cpu.KernelUnavailable, match='no working C[+][+] compiler'):
     flash_cpu.build()
+  monkeypatch.delenv('CXX')
+  (tmp_path / 'file').write_text('')
+  monkeypatch.setenv('GROUPDIFF_JAX_KERNEL_CACHE', str(tmp_path / 'file' / 'cache'))
+  with pytest.raises(flash_cpu.KernelUnavailable, match='cannot write the kernel cache'):
+    flash_cpu.build()
   monkeypatch.setattr(flash_cpu, 'available', lambda: False)
   assert attn.resolve_backend('auto', 'cpu') == 'blocked'
 

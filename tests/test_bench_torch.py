@@ -44,6 +44,26 @@ def test_torch_train_step_runs_and_changes_the_weights():
   assert any((p - b).abs().max() > 0 for p, b in zip(model.parameters(), before))
 
 
+def test_attention_case_times_the_same_gradients_on_both_sides():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.benchmarking import vs_torch  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.models import attention  # pylint: disable=import-outside-toplevel
+  case = vs_torch.Case('attention', 'SiT-d2h32n2/2', 4, 2, input_size=8)
+  q, k, v, probe = vs_torch.attention_inputs(case)
+  assert q.shape == (2, 32, 2, 16)  # 2 groups of 2 images x 16 tokens, 2 heads of 16
+  run, leaves = torch_dit.make_attention(q, k, v, probe)
+  run()
+  run()  # gradients are reset between runs, not accumulated
+  want = jax.grad(lambda *a: jnp.sum(attention.reference_attention(*a) * probe), (0, 1, 2))(
+      q, k, v)
+  for leaf, w in zip(leaves, want):
+    np.testing.assert_allclose(leaf.grad.transpose(1, 2).numpy(), w, atol=2e-5)
+  side = vs_torch.jax_attention(case)  # the project's 'auto' kernel, compiled
+  side.run()
+  assert side.compile_s > 0
+
+
 def _run(*args):
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
   return subprocess.run([sys.executable, '-m', 'groupdiff_jax.bench_torch', *args], cwd=ROOT,
@@ -52,14 +72,16 @@ def _run(*args):
 
 def test_cli_prints_the_table_on_a_tiny_model():
   proc = _run('--model=SiT-d2h32n2/2', '--input_size=8', '--batch=8', '--reps=1',
-              '--sample_steps=2', '--cases=forward SiT-S/2,SDE')  # names before --model
+              '--sample_steps=2',  # names before --model:
+              '--cases=forward SiT-S/2,SDE,attention fwd+bwd SiT-S/2')
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
   assert '| case | torch eager img/s | jax img/s | jax / eager | jax compile s | load |' in out
   rows = [line for line in out.splitlines() if line.startswith('| ') and 'img/s' not in line]
   assert [r.split(' | ')[0] for r in rows] == [
       '| forward SiT-d2h32n2/2 8x8 b8 N=1', '| forward SiT-d2h32n2/2 8x8 b8 N=4',
-      '| SDE 2 steps CFG SiT-d2h32n2/2 8x8 b8 GroupDiff-l N=4']
+      '| SDE 2 steps CFG SiT-d2h32n2/2 8x8 b8 GroupDiff-l N=4',
+      '| attention fwd+bwd SiT-d2h32n2/2 8x8 b8 N=1', '| attention fwd+bwd SiT-d2h32n2/2 8x8 b8 N=4']
   for r in rows:
     eager, jax_rate, ratio = (float(v) for v in r.split(' | ')[1:4])
     assert eager > 0 and jax_rate > 0 and ratio == pytest.approx(jax_rate / eager, rel=0.02)

@@ -133,6 +133,21 @@ def make_forward(model, compiled: bool):
   return run
 
 
+def make_attention(q, k, v, d_out):
+  """(run, (q, k, v)): run() is scaled_dot_product_attention of the [B, L, H, D] arrays (as
+  heads-first views, what diffusers' processor passes) and its backward; the three returned
+  leaves hold the gradients of the last run."""
+  leaves = tuple(torch.from_numpy(a).transpose(1, 2).requires_grad_() for a in (q, k, v))
+  d_out = torch.from_numpy(d_out).transpose(1, 2)
+
+  def run():
+    for a in leaves:
+      a.grad = None
+    torch.nn.functional.scaled_dot_product_attention(*leaves).backward(d_out)
+
+  return run, leaves
+
+
 class _Velocity(torch.nn.Module):
   """torch_reference.sample_sde's model interface (x, t, y, group) over the diffusers DiT."""
 

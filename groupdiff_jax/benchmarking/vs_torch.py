@@ -25,7 +25,7 @@ from groupdiff_jax.models import sit
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  kind: str          # train | forward | sample
+  kind: str          # train | forward | sample | attention (forward + backward of the kernel)
   model: str         # SiT-S/2, ...
   batch: int
   group: int         # train / sample: unconditional group size (GroupDiff-l); forward: all rows
@@ -35,8 +35,9 @@ class Case:
 
   @property
   def name(self) -> str:
-    what = {'train': 'train step', 'forward': 'forward', 'sample': f'SDE {self.steps} steps CFG'}
-    group = ('GroupDiff-l N=%d' if self.kind != 'forward' else 'N=%d') % self.group
+    what = {'train': 'train step', 'forward': 'forward', 'sample': f'SDE {self.steps} steps CFG',
+            'attention': 'attention fwd+bwd'}
+    group = ('GroupDiff-l N=%d' if self.kind in ('train', 'sample') else 'N=%d') % self.group
     if self.kind == 'train' and self.group == 1:
       group = 'N=1'
     return (f'{what[self.kind]} {self.model} {self.input_size}x{self.input_size} '
@@ -54,6 +55,10 @@ CASES = (
     Case('forward', 'SiT-B/2', 16, 1),
     Case('forward', 'SiT-B/2', 16, 4),
     Case('sample', 'SiT-S/2', 8, 4, input_size=16),
+    # The attention kernel alone ('auto': flash_cpu on CPU) against torch's CPU SDPA, per layer.
+    Case('attention', 'SiT-S/2', 16, 1),
+    Case('attention', 'SiT-S/2', 16, 4),
+    Case('attention', 'SiT-B/2', 16, 4),
 )
 NUM_CLASSES = 1000
 
@@ -177,6 +182,24 @@ def jax_sample(base, case: Case, settings: dict) -> Side:
               compile_s)
 
 
+def attention_inputs(case: Case) -> list[np.ndarray]:
+  """q, k, v and the output cotangent of one layer's group attention: [groups, N*T, heads, hd]."""
+  _, _, hidden, heads, patch = sit.parse_name(case.model)
+  length = case.group * (case.input_size // patch) ** 2
+  shape = (case.batch // case.group, length, heads, hidden // heads)
+  rng = np.random.default_rng(0)
+  return [rng.standard_normal(shape, np.float32) for _ in range(4)]
+
+
+def jax_attention(case: Case) -> Side:
+  """The project's attention ('auto'), forward and the gradients of q, k and v."""
+  from groupdiff_jax.models import attention  # pylint: disable=import-outside-toplevel
+  q, k, v, probe = (jnp.asarray(a) for a in attention_inputs(case))
+  grads = jax.grad(lambda q, k, v: jnp.sum(attention.attention(q, k, v) * probe), (0, 1, 2))
+  compiled, compile_s = _timed_compile(jax.jit(grads).lower(q, k, v))
+  return Side('jax', lambda: jax.block_until_ready(compiled(q, k, v)), compile_s)
+
+
 # --- torch ---------------------------------------------------------------------------------------
 
 def torch_sides(base, case: Case, compiled: bool, settings: dict) -> list[Side]:
@@ -201,6 +224,10 @@ def torch_sides(base, case: Case, compiled: bool, settings: dict) -> list[Side]:
       labels[layout.num_cond:] = NUM_CLASSES  # the unconditional part gets the null label
       groups = torch_dit.Groups(layout.num_cond, 1, case.group)
       run = lambda step=step, labels=labels, groups=groups: step(x, labels, groups)
+    elif case.kind == 'attention':
+      if use_compile:
+        continue  # one library kernel: nothing for torch.compile to fuse
+      run = torch_dit.make_attention(*attention_inputs(case))[0]
     elif case.kind == 'forward':
       fwd = torch_dit.make_forward(model, use_compile)
       groups = torch_dit.Groups(case.batch, case.group, case.group)
@@ -249,6 +276,8 @@ def run_cases(base, cases: list[Case], reps: int, torch_compile: bool) -> list[d
       jax_side = jax_train(base, case)
     elif case.kind == 'forward':
       jax_side = jax_forward(base, case)
+    elif case.kind == 'attention':
+      jax_side = jax_attention(case)
     else:
       jax_side = jax_sample(base, case, settings)
     sides = [jax_side] + torch_sides(base, case, torch_compile, settings)

@@ -131,8 +131,8 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   Why: 'xla' materialises the scores of every head at once ([B, H, Lq, Lk]: 100 MB per layer for
   groups of 4 at 256 tokens) and XLA's CPU backend streams them through memory several times; a
   loop over heads keeps each step's scores (~2 MiB) in cache, which made the CPU forward of group
-  attention ~3x faster (BENCHMARKS.md). It is the CPU choice of 'auto'; accelerators keep their
-  fused kernels.
+  attention ~3x faster (BENCHMARKS.md). 'flash_cpu' runs the same algorithm as one C++ kernel;
+  this is 'auto''s CPU choice only where that kernel cannot be built (no C++ compiler).
   """
   dtype = q.dtype
   q, k, v = (a.astype(jnp.float32) for a in (q, k, v))

@@ -69,17 +69,22 @@ def build() -> pathlib.Path:
   target = _cache_dir() / f'flash_cpu_{key}.so'
   if target.exists():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
   progress.say(f'building the CPU attention kernel (once per machine): {target}')
-  # Built under a temporary name and renamed: concurrent processes never load a partial file.
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-    partial = pathlib.Path(tmp) / target.name
-    command = [*compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', str(partial)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-      raise KernelUnavailable(f'compiling {_SOURCE.name} failed ({shlex.join(command)}):\n'
-                              f'{result.stderr.strip()[-2000:]}')
-    os.replace(partial, target)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: concurrent processes never load a partial file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+      partial = pathlib.Path(tmp) / target.name
+      command = [*compiler, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o',
+                 str(partial)]
+      result = subprocess.run(command, capture_output=True, text=True)
+      if result.returncode:
+        raise KernelUnavailable(f'compiling {_SOURCE.name} failed ({shlex.join(command)}):\n'
+                                f'{result.stderr.strip()[-2000:]}')
+      os.replace(partial, target)
+  except OSError as e:  # an unwritable cache directory, a full disk
+    raise KernelUnavailable(f'cannot write the kernel cache {target.parent}: {e} (set '
+                            'GROUPDIFF_JAX_KERNEL_CACHE to a writable directory)') from e
   return target
 
 
@@ -96,7 +101,8 @@ def available() -> bool:
   """Whether the kernel is built and registered (building it if needed)."""
   try:
     _register()
-  except KernelUnavailable:
+  except KernelUnavailable as e:
+    progress.say(f"CPU attention falls back to 'blocked': {str(e).splitlines()[0]}")
     return False
   return True
 
