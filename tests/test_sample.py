@@ -114,9 +114,17 @@ def _in_batches(fn, params, ids, batch):
 
 # --- what is sampled ------------------------------------------------------------------------
 
+def _same_uint8(a: np.ndarray, b: np.ndarray) -> None:
+  """uint8 images from float32 values that agree within 1e-5: equal, but for the rare value that
+  sits on a rounding boundary (one level apart, in under 0.1% of the pixels)."""
+  diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+  assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
+
+
 def test_one_device_and_eight_devices_give_the_same_images(trained, latent_ckpt, random_vae):
   """Noise, labels and all later draws of image i are functions of (seed, i): another device
-  count and batch size give the same images (float32 within 1e-5, uint8 identical after decode)."""
+  count and batch size give the same images (float32 within 1e-5, so uint8 equal after decode
+  up to a rounding flip)."""
   ids = np.arange(16)
   config = sample_config(trained)
   fn1, p1, _ = sampler_on(jax.devices()[:1], config)
@@ -125,7 +133,7 @@ def test_one_device_and_eight_devices_give_the_same_images(trained, latent_ckpt,
   b = _in_batches(fn8, p8, ids, 16)       # 8 devices, one batch
   assert a.shape == (16, 8, 8, 1) and np.abs(a - b).max() <= 1e-5
   assert np.std(a) > 0.1 and not np.allclose(a[0], a[4])  # real, distinct samples
-  np.testing.assert_array_equal(image_grid.to_uint8(a), image_grid.to_uint8(b))
+  _same_uint8(image_grid.to_uint8(a), image_grid.to_uint8(b))
 
   # The latent path through the SD-VAE decode, with the Euler ODE.
   config = sample_config(latent_ckpt, **{'sample.sampler': 'euler', 'vae': random_vae})
@@ -136,7 +144,7 @@ def test_one_device_and_eight_devices_give_the_same_images(trained, latent_ckpt,
   img1 = job.make_decoder(random_vae, mesh1)(lat1)
   img8 = job.make_decoder(random_vae, mesh8)(lat8)
   assert img1.shape == (16, 16, 16, 3) and img1.dtype == np.uint8
-  np.testing.assert_array_equal(img1, img8)
+  _same_uint8(img1, img8)
   expected = vae.load(random_vae).decode(lat1)  # the decode is x / 0.18215 through the decoder
   np.testing.assert_array_equal(img1, image_grid.to_uint8(expected))
 
