@@ -73,3 +73,16 @@ def test_report_lines_name_memory_flops_collectives_and_time(measured):
   for part in ('of 16.00 GiB HBM, fits', 'executed FLOPs per image', 'all-gather',
                'x the minimum', 'ms per step', 'on 4 chips'):
     assert part in text
+
+
+def test_the_job_reports_every_program_and_prints_the_table(capsys):
+  """`python -m groupdiff_jax.aot`'s whole run (aot_run.run): the report lines of the train step
+  and the closing table (its `programs` argument once shadowed the programs module and the run
+  died after compiling)."""
+  lines = []
+  results = aot_run.run(CONFIG, topology.parse('v5e:2x2'), programs=('train',), mfu=0.4,
+                        max_tries=1, label='v5e:2x2', say=lines.append)
+  assert [n.program for n in results] == ['train step'] and results[0].fits
+  assert any('executed FLOPs per image' in line for line in lines)
+  table = capsys.readouterr().out
+  assert 'GiB/chip' in table and '| v5e:2x2 |' in table

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 
 from groupdiff_jax import progress, sharding, train_step
-from groupdiff_jax.compilation import fit, programs, report, topology
+from groupdiff_jax.compilation import fit, report, topology
+from groupdiff_jax.compilation import programs as program_lib  # run() takes a `programs` tuple
 from groupdiff_jax.compilation.topology import Topology
 
-COMPILERS = {'train': programs.compile_train, 'sample': programs.compile_sample}
+COMPILERS = {'train': program_lib.compile_train, 'sample': program_lib.compile_sample}
 
 
 def check(config, slice_: Topology, *, devices: list | None = None,
@@ -22,7 +23,7 @@ def check(config, slice_: Topology, *, devices: list | None = None,
   fsdp_min = report.fsdp_minimum(trainer, jnp.dtype(trainer.model_cfg.dtype).itemsize)
   out = []
   for name in which:
-    say(f'compiling the {programs.NAMES[name]} for {slice_.libtpu_name} on mesh '
+    say(f'compiling the {program_lib.NAMES[name]} for {slice_.libtpu_name} on mesh '
         f'{dict(mesh.shape)} (SiT-XL/2 takes minutes on a CPU host) ...')
     minimum = fsdp_min if name == 'train' else None
     try:
@@ -30,7 +31,7 @@ def check(config, slice_: Topology, *, devices: list | None = None,
     except jax.errors.JaxRuntimeError as e:
       if 'RESOURCE_EXHAUSTED' not in str(e):
         raise
-      out.append(report.out_of_memory(programs.NAMES[name], slice_, str(e), minimum, mfu))
+      out.append(report.out_of_memory(program_lib.NAMES[name], slice_, str(e), minimum, mfu))
       continue
     if hlo_dir:
       path = os.path.join(hlo_dir, f'{slice_.libtpu_name.replace(":", "_")}_{name}.hlo.txt')
@@ -56,7 +57,7 @@ def run(config, slice_: Topology, *, programs: tuple[str, ...], mfu: float, max_
     for line in report.lines(n):
       say(line)
   rows = [report.table_row(label, n) for n in results]
-  train = next((n for n in results if n.program == programs.NAMES['train']), None)
+  train = next((n for n in results if n.program == program_lib.NAMES['train']), None)
   if train is not None and not train.fits and max_tries > 0:
     rows += _try_proposals(config, slice_, devices, mfu, max_tries, label, say)
   progress.print_table(rows)
