@@ -3,7 +3,8 @@
   python -m groupdiff_jax.bench_torch
 
 runs the cases of groupdiff_jax/benchmarking/vs_torch.py (train steps of SiT-S/2, forwards of
-SiT-S/2 and SiT-B/2 at group sizes 1 and 4, the SDE sampler with CFG and groups of 4) in one
+SiT-S/2 and SiT-B/2 at group sizes 1 and 4, the SDE sampler with CFG and groups of 4, one
+layer's attention kernel forward and backward against torch's SDPA) in one
 process, float32, the same number of threads for both, interleaved; prints a Markdown table of
 median images/s, the ratio, compile times and the load average. --torch_compile adds a
 torch.compile column (minutes of compilation on a small CPU); --cases=forward --batch=32 gives
