@@ -121,6 +121,12 @@ def test_auto_picks_per_platform():
   assert attn.resolve_backend('auto') in attn.BACKENDS
 
 
+def test_flash_cpu_on_an_accelerator_is_a_clear_error():
+  with pytest.raises(ValueError, match="'flash_cpu' runs on CPU only, not on tpu"):
+    attn.resolve_backend('flash_cpu', 'tpu')
+  assert attn.resolve_backend('flash_cpu', 'cpu') == 'flash_cpu'
+
+
 def test_unknown_backend_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
     attn.attention(*_qkv(), backend='flash')

@@ -220,7 +220,6 @@ BACKENDS: dict[str, AttentionFn] = {
 # What 'auto' picks on each platform: the fused kernel where one exists (on CPU the hand-written
 # one, built on first use; the cache-blocked XLA loop where no C++ compiler works), XLA elsewhere.
 AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'flash_cpu'}
-FALLBACK = {'flash_cpu': 'blocked'}
 # Kernels whose outputs carry no shard_map varying-axes types (a Pallas kernel, a custom call).
 UNTYPED = frozenset({'splash', 'flash_cpu'})
 
@@ -228,13 +227,15 @@ UNTYPED = frozenset({'splash', 'flash_cpu'})
 def resolve_backend(name: str, platform: str | None = None) -> str:
   """Maps 'auto' to a concrete backend for `platform` (the devices the attention runs on;
   default: JAX's default backend) and checks the name."""
+  platform = platform or jax.default_backend()
   if name == 'auto':
-    name = AUTO.get(platform or jax.default_backend(), 'xla')
-    if name == 'flash_cpu' and not flash_cpu.available():
-      name = FALLBACK[name]
-    return name
+    name = AUTO.get(platform, 'xla')
+    return 'blocked' if name == 'flash_cpu' and not flash_cpu.available() else name
   if name not in BACKENDS:
     raise ValueError(f'unknown attention backend {name!r}; known: auto, {", ".join(BACKENDS)}')
+  if name == 'flash_cpu' and platform != 'cpu':  # an FFI target registered for the host only
+    raise ValueError(f"attention backend 'flash_cpu' runs on CPU only, not on {platform}; use "
+                     "'auto'")
   return name
 
 
