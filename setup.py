@@ -27,8 +27,8 @@ setuptools.setup(
     version="0.1.0",
     description="Group Diffusion (GroupDiff, CVPR 2026) SiT/DiT trainer in JAX/Flax",
     packages=setuptools.find_packages(include=["groupdiff_jax", "groupdiff_jax.*"]),
-    # The CPU attention kernel's C++ source, compiled on first use (models/flash_cpu.py).
-    package_data={"groupdiff_jax.models": ["flash_cpu.cc"]},
+    # The CPU kernels' C++ sources, compiled on first use (models/cpu_kernels.py).
+    package_data={"groupdiff_jax.models": ["kernels/*.cc", "kernels/*.h"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={

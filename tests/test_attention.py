@@ -6,7 +6,7 @@ import pytest
 
 from groupdiff_jax.models import attention as attn
 
-from groupdiff_jax.models import flash_cpu
+from groupdiff_jax.models import cpu_kernels, flash_cpu
 
 # splash runs in Pallas interpret mode off TPU; flash_cpu needs a C++ compiler (every CI machine
 # has one: a missing compiler must fail here, not skip).
@@ -85,24 +85,27 @@ def test_flash_cpu_under_vmap_and_in_bfloat16():
   assert low.dtype == jnp.bfloat16
 
 
-def test_flash_cpu_is_built_once_per_machine_and_cached(tmp_path, monkeypatch):
-  """The build is keyed by source, compiler, jax and CPU: a second build is the cached file; a
-  broken compiler is a one-line KernelUnavailable naming it, and 'auto' then keeps 'blocked'."""
+def test_cpu_kernels_are_built_once_per_machine_and_cached(tmp_path, monkeypatch):
+  """The build is keyed by sources, compiler, jax and CPU: a second build is the cached file; a
+  broken compiler is a one-line KernelUnavailable naming it, and the 'auto' choices then keep
+  XLA's lowerings ('blocked' attention, XLA's dense gradients)."""
+  from groupdiff_jax.models import dense
   monkeypatch.setenv('GROUPDIFF_JAX_KERNEL_CACHE', str(tmp_path))
-  first = flash_cpu.build()
+  first = cpu_kernels.build()
   assert first.parent == tmp_path and first.exists()
   stamp = first.stat().st_mtime_ns
-  assert flash_cpu.build() == first and first.stat().st_mtime_ns == stamp
+  assert cpu_kernels.build() == first and first.stat().st_mtime_ns == stamp
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
-  with pytest.raises(flash_cpu.KernelUnavailable, match='no working C[+][+] compiler'):
-    flash_cpu.build()
+  with pytest.raises(cpu_kernels.KernelUnavailable, match='no working C[+][+] compiler'):
+    cpu_kernels.build()
   monkeypatch.delenv('CXX')
   (tmp_path / 'file').write_text('')
   monkeypatch.setenv('GROUPDIFF_JAX_KERNEL_CACHE', str(tmp_path / 'file' / 'cache'))
-  with pytest.raises(flash_cpu.KernelUnavailable, match='cannot write the kernel cache'):
-    flash_cpu.build()
-  monkeypatch.setattr(flash_cpu, 'available', lambda: False)
+  with pytest.raises(cpu_kernels.KernelUnavailable, match='cannot write the kernel cache'):
+    cpu_kernels.build()
+  monkeypatch.setattr(cpu_kernels, 'available', lambda: False)
   assert attn.resolve_backend('auto', 'cpu') == 'blocked'
+  assert dense.resolve_grads('auto', 'cpu') == 'xla'
 
 
 def test_reference_is_softmax_attention():

@@ -274,7 +274,7 @@ def test_saving_only_the_dense_outputs_gives_the_same_gradients():
 
 
 def test_residuals_auto_picks_per_platform_and_names_are_checked():
-  cfg = sit.SiTConfig(depth=1, hidden=8, heads=1, patch=2)
+  cfg = sit.SiTConfig(depth=1, hidden=8, heads=1, patch=2, dense_grads='xla')  # see test_dense
   assert sit.sublayer_policy(cfg, 'cpu') is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   assert sit.sublayer_policy(cfg, 'tpu') is None and sit.sublayer_policy(cfg, 'gpu') is None
   assert sit.sublayer_policy(dataclasses.replace(cfg, residuals='all'), 'cpu') is None

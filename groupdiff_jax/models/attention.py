@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from groupdiff_jax.models import flash_cpu
+from groupdiff_jax.models import cpu_kernels, flash_cpu
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -230,7 +230,7 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
   platform = platform or jax.default_backend()
   if name == 'auto':
     name = AUTO.get(platform, 'xla')
-    return 'blocked' if name == 'flash_cpu' and not flash_cpu.available() else name
+    return 'blocked' if name == 'flash_cpu' and not cpu_kernels.available() else name
   if name not in BACKENDS:
     raise ValueError(f'unknown attention backend {name!r}; known: auto, {", ".join(BACKENDS)}')
   if name == 'flash_cpu' and platform != 'cpu':  # an FFI target registered for the host only

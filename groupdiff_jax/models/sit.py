@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from groupdiff_jax import sharding
+from groupdiff_jax.models import dense
 from groupdiff_jax.models.attention import member_attention
 from groupdiff_jax.models.group_attention import (Groups, active_platform, as_groups,
                                                   group_attention)
@@ -60,6 +61,7 @@ class SiTConfig:
   param_dtype: str = 'float32'
   remat: bool = False
   residuals: str = 'auto'
+  dense_grads: str = 'auto'
   time_convention: str = 'noise_at_1'
 
   @property
@@ -98,13 +100,17 @@ def config_from(model_cfg) -> SiTConfig:
   residuals = model_cfg.get('residuals', 'auto')  # absent from configs written before it existed
   if residuals not in RESIDUALS:
     raise ModelConfigError(f'unknown model.residuals {residuals!r}; known: ' + ', '.join(RESIDUALS))
+  dense_grads = model_cfg.get('dense_grads', 'auto')
+  if dense_grads not in dense.GRADS:
+    raise ModelConfigError(f'unknown model.dense_grads {dense_grads!r}; known: '
+                           + ', '.join(dense.GRADS))
   return SiTConfig(
       depth=depth, hidden=hidden, heads=heads, patch=patch, input_size=model_cfg.input_size,
       in_channels=model_cfg.in_channels, num_classes=model_cfg.num_classes,
       learn_sigma=model_cfg.learn_sigma, max_group_size=model_cfg.max_group_size,
       fixed_sample_ids=model_cfg.fixed_sample_ids, attention=model_cfg.attention,
       dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-      residuals=residuals, time_convention=model_cfg.time_convention)
+      residuals=residuals, dense_grads=dense_grads, time_convention=model_cfg.time_convention)
 
 
 # What the backward pass keeps of each block (model.residuals), unless model.remat recomputes the
@@ -121,9 +127,15 @@ AUTO_RESIDUALS = {'cpu': 'dots'}
 def sublayer_policy(cfg: SiTConfig, platform: str):
   """The `jax.checkpoint` policy of the sublayers around attention, or None (plain autodiff)."""
   residuals = AUTO_RESIDUALS.get(platform, 'all') if cfg.residuals == 'auto' else cfg.residuals
-  if residuals == 'dots' and not cfg.remat:
-    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  return None
+  if residuals != 'dots' or cfg.remat:
+    return None
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if dense.resolve_grads(cfg.dense_grads, platform) == 'cpu_kernel':
+    # The kernel path's dots sit inside a custom_vjp, out of the dot policy's sight: keep its
+    # named outputs too, whatever jax's remat makes of custom_vjp calls.
+    policy = jax.checkpoint_policies.save_from_both_policies(
+        policy, jax.checkpoint_policies.save_only_these_names(dense.OUTPUT_NAME))
+  return policy
 
 
 # Fields of a checkpoint's meta['model'] that define the function (the rest are runtime choices).
@@ -155,8 +167,9 @@ def _zeros(axes):
 
 
 def _dense(cfg, n_in, n_out, kernel_init, rngs, bias_axes=(None,)):
-  return nnx.Linear(n_in, n_out, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                    kernel_init=kernel_init, bias_init=_zeros(bias_axes), rngs=rngs)
+  return dense.Linear(n_in, n_out, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=kernel_init,
+                      bias_init=_zeros(bias_axes), rngs=rngs, grads=cfg.dense_grads)
 
 
 @functools.lru_cache(maxsize=16)
