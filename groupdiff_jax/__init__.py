@@ -6,6 +6,9 @@ emits the elementwise work around them itself. YNNPACK's own fusions of layer no
 into the dense layers ran the SiT-B/2 forward 5-8% slower on two Zen 4 cores and allocated fresh
 scratch on every call (1.1 GB of page faults per forward; BENCHMARKS.md, issue 14). A value the
 user already put in XLA_FLAGS wins; a JAX imported and started earlier keeps its own settings.
+
+Where JAX will compute on the CPU it also sets glibc's malloc to keep XLA's per-step scratch
+memory in the process instead of faulting in fresh pages every step (host_malloc.py).
 """
 import importlib.metadata
 import os
@@ -26,3 +29,7 @@ def _set_cpu_flags() -> None:
 
 
 _set_cpu_flags()
+
+from groupdiff_jax import host_malloc  # pylint: disable=wrong-import-position
+
+host_malloc.keep_host_memory()

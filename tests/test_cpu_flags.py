@@ -1,10 +1,16 @@
-"""The package's one XLA:CPU option (groupdiff_jax/__init__.py): set before JAX starts, never
-over a value the user chose."""
+"""What importing the package sets for CPU runs before JAX starts: one XLA:CPU option
+(groupdiff_jax/__init__.py), never over a value the user chose, and glibc's malloc options that
+keep XLA's per-step scratch memory in the process (host_malloc.py)."""
+import ctypes
 import os
+import resource
+import threading
 
 import jax
+import pytest
 
 import groupdiff_jax
+from groupdiff_jax import host_malloc
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_dot'
 
@@ -25,3 +31,41 @@ def test_this_process_started_jax_with_the_flag():
   and XLA accepted it (an unknown flag or value would have stopped the process)."""
   assert FLAG in os.environ['XLA_FLAGS']
   assert jax.devices()[0].platform == 'cpu'
+
+
+def test_malloc_settings_apply_where_jax_computes_on_the_cpu(monkeypatch):
+  assert host_malloc.computes_on_cpu({'JAX_PLATFORMS': 'cpu'})
+  assert not host_malloc.computes_on_cpu({'JAX_PLATFORMS': 'tpu,cpu'})
+  assert not host_malloc.computes_on_cpu({'JAX_PLATFORMS': 'cuda'})
+  monkeypatch.setattr(host_malloc.importlib.util, 'find_spec', lambda name: object())
+  assert not host_malloc.computes_on_cpu({})  # libtpu installed: JAX would pick the TPU
+  assert host_malloc.computes_on_cpu({'JAX_PLATFORMS': 'cpu'})
+  assert not host_malloc.keep_host_memory({host_malloc.ENV: '0', 'JAX_PLATFORMS': 'cpu'})
+
+
+def test_freed_host_memory_is_reused_without_new_page_faults():
+  """The test session computes on the CPU (JAX_PLATFORMS=cpu), so the package set the options:
+  a 256 MiB block malloc'd, written and freed on a worker thread (as XLA does its scratch) is
+  served again from the process's heap, not from fresh pages. Without the settings glibc maps
+  and unmaps it each time and every round faults in all 65536 pages."""
+  if os.environ.get(host_malloc.ENV) == '0':
+    pytest.skip(f'{host_malloc.ENV}=0: the settings are off by request')
+  assert host_malloc.applied
+  libc = ctypes.CDLL(None)
+  libc.malloc.restype = ctypes.c_void_p
+  libc.malloc.argtypes = [ctypes.c_size_t]
+  libc.free.argtypes = [ctypes.c_void_p]
+  size, faults = 256 << 20, []
+
+  def one_round():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+  for _ in range(3):
+    worker = threading.Thread(target=one_round)
+    worker.start()
+    worker.join()
+  assert faults[-1] < 0.05 * size / resource.getpagesize(), faults
