@@ -177,13 +177,14 @@ def group_attention(qkv: jax.Array, groups: 'int | Groups', backend: str = 'auto
   where the images of each group attend jointly over their tokens."""
   groups = as_groups(groups, qkv.shape[0])
   ctx = sharding.active()
-  if ctx is None:  # plain single-device use: the same computation on the whole batch
-    attend = functools.partial(attention_lib.attention, backend=backend)
+  platform = None if ctx is None else mesh_platform(ctx[0])
+  attend = functools.partial(attention_lib.attention, backend=backend, platform=platform)
+  if ctx is None or ctx[0].size == 1:
+    # One device (or plain use outside a mesh): the same computation on the whole batch. A
+    # one-device shard_map would only add copies (its transpose all-reduces the gradient).
     return _attend_segments(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], groups.segments, attend)
 
   mesh, rules = ctx
-  platform = mesh_platform(mesh)
-  attend = functools.partial(attention_lib.attention, backend=backend, platform=platform)
   spec = sharding.logical_to_spec(('batch', 'tokens', 'heads'), rules, mesh)
   batch_axes, (kinds, kind_of) = _batch_cut(mesh, rules, groups)
   token_axes = _fitting_axes(mesh, _axes(spec[1]), qkv.shape[1])
