@@ -24,6 +24,7 @@ def _grads(fn, x, kernel, bias, probe):
     ((2, 300, 40), 48),   # K not a multiple of the 6-row tile, N not of the 4-vector strip
     ((520, 384), 16),     # rows past two whole 256-row chunks; one vector of columns
     ((1, 259, 7), 160),   # K below one tile; many strips
+    ((300, 770), 32),     # K over two 384-row blocks of dW, the last one ragged
 ])
 def test_kernel_gradients_equal_xla(x_shape, n):
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
