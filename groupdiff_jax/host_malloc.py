@@ -6,8 +6,11 @@ large with a fresh mmap outside the thread's arena and unmaps it on free, so eve
 and zeroes 270k new pages: 0.5 s of system time per 4 s step on two cores (BENCHMARKS.md, issue
 14). Three mallopt settings keep that memory in the process instead: one arena for all threads
 (the main one, which grows with brk), no mmap for large blocks, and no trimming of the heap's top.
-After the first steps no page is faulted in again. The cost: memory a step freed is kept for the
-next one rather than returned to the system (the peak of one step stays resident).
+After the first steps no page is faulted in again. The costs: memory a step freed is kept for the
+next one rather than returned to the system (the peak of one step stays resident), and XLA's
+multi-threaded compiles contend for the one arena (SiT-S/2's train step compiles in ~6.7 s
+instead of ~5.5 s), so the settings pay off from the fifth or sixth step on: a training or
+sampling job, not a run of many small programs (the test suite turns them off).
 
 Applied only on Linux with glibc, when JAX will compute on the CPU (JAX_PLATFORMS names cpu first,
 or no accelerator plugin is installed), and not when GROUPDIFF_JAX_KEEP_HOST_MEMORY=0. Arenas are

@@ -7,6 +7,10 @@ import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The suite compiles hundreds of small programs and runs each a few times: one malloc arena
+# (groupdiff_jax/host_malloc.py) makes XLA's multi-threaded compiles ~20% slower and pays off only
+# over many steps, so the tests run without it; tests/test_cpu_flags.py checks it in a subprocess.
+os.environ.setdefault('GROUPDIFF_JAX_KEEP_HOST_MEMORY', '0')
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position

@@ -1,10 +1,9 @@
 """What importing the package sets for CPU runs before JAX starts: one XLA:CPU option
 (groupdiff_jax/__init__.py), never over a value the user chose, and glibc's malloc options that
 keep XLA's per-step scratch memory in the process (host_malloc.py)."""
-import ctypes
 import os
-import resource
-import threading
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -43,29 +42,43 @@ def test_malloc_settings_apply_where_jax_computes_on_the_cpu(monkeypatch):
   assert not host_malloc.keep_host_memory({host_malloc.ENV: '0', 'JAX_PLATFORMS': 'cpu'})
 
 
-def test_freed_host_memory_is_reused_without_new_page_faults():
-  """The test session computes on the CPU (JAX_PLATFORMS=cpu), so the package set the options:
-  a 256 MiB block malloc'd, written and freed on a worker thread (as XLA does its scratch) is
-  served again from the process's heap, not from fresh pages. Without the settings glibc maps
-  and unmaps it each time and every round faults in all 65536 pages."""
-  if os.environ.get(host_malloc.ENV) == '0':
-    pytest.skip(f'{host_malloc.ENV}=0: the settings are off by request')
-  assert host_malloc.applied
-  libc = ctypes.CDLL(None)
-  libc.malloc.restype = ctypes.c_void_p
-  libc.malloc.argtypes = [ctypes.c_size_t]
-  libc.free.argtypes = [ctypes.c_void_p]
-  size, faults = 256 << 20, []
+_REUSE_PROBE = """
+import ctypes, resource, threading
+import groupdiff_jax
+from groupdiff_jax import host_malloc
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size, faults = 256 << 20, []
 
-  def one_round():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(size)
-    ctypes.memset(block, 1, size)
-    libc.free(block)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+def one_round():
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)
+  libc.free(block)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
-  for _ in range(3):
-    worker = threading.Thread(target=one_round)
-    worker.start()
-    worker.join()
-  assert faults[-1] < 0.05 * size / resource.getpagesize(), faults
+for _ in range(3):
+  worker = threading.Thread(target=one_round)
+  worker.start()
+  worker.join()
+print(host_malloc.applied, faults[-1], size // resource.getpagesize())
+"""
+
+
+@pytest.mark.parametrize('keep', ['1', '0'])
+def test_freed_host_memory_is_reused_without_new_page_faults(keep):
+  """A process that computes on the CPU imports the package with the malloc settings: a 256 MiB
+  block malloc'd, written and freed on a worker thread (as XLA does its scratch) is served again
+  from the process's heap, not from fresh pages. With GROUPDIFF_JAX_KEEP_HOST_MEMORY=0 (how the
+  rest of this suite runs, see conftest.py) glibc maps and unmaps it each time, and every round
+  faults in all 65536 pages."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', GROUPDIFF_JAX_KEEP_HOST_MEMORY=keep)
+  out = subprocess.run([sys.executable, '-c', _REUSE_PROBE], env=env, capture_output=True,
+                       text=True, check=True).stdout.split()
+  applied, faults, pages = out[0] == 'True', int(out[1]), int(out[2])
+  if keep == '1':
+    assert applied and faults < 0.05 * pages, out
+  else:
+    assert not applied and faults > 0.9 * pages, out
