@@ -104,6 +104,13 @@ def active() -> tuple[Mesh, tuple] | None:
   return getattr(_CONTEXT, 'value', None)
 
 
+def one_device() -> bool:
+  """Whether code traced now runs on a single device: outside `use_mesh` or on a one-device mesh.
+  Host-only custom calls (no partitioning rule) and shard_map-free paths key on this."""
+  ctx = active()
+  return ctx is None or ctx[0].size == 1
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical axis names; a no-op outside `use_mesh`."""
   ctx = active()

@@ -32,10 +32,8 @@ def resolve_grads(name: str, platform: str) -> str:
   if name not in GRADS:
     raise ValueError(f'unknown model.dense_grads {name!r}; known: {", ".join(GRADS)}')
   if name == 'auto':
-    ctx = sharding.active()
-    one_device = ctx is None or ctx[0].devices.size == 1
-    return ('cpu_kernel' if platform == 'cpu' and one_device and cpu_kernels.available()
-            else 'xla')
+    return ('cpu_kernel' if platform == 'cpu' and sharding.one_device()
+            and cpu_kernels.available() else 'xla')
   if name == 'cpu_kernel' and platform != 'cpu':  # an FFI target registered for the host only
     raise ValueError(f"model.dense_grads='cpu_kernel' runs on CPU only, not on {platform}; use "
                      "'auto'")
@@ -75,12 +73,12 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   return checkpoint_name(_dense(x, kernel, bias), OUTPUT_NAME)
 
 
-def kernel_fits(x: jax.Array, kernel: jax.Array) -> bool:
+def kernel_fits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> bool:
   """Whether `dense` takes these operands: float32, N a multiple of the widest vector (16
   floats), enough rows to be worth it."""
   rows = x.size // max(x.shape[-1], 1)
-  return (x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and kernel.ndim == 2
-          and kernel.shape[1] % 16 == 0 and rows >= MIN_ROWS)
+  return (all(a.dtype == jnp.float32 for a in (x, kernel) + (() if bias is None else (bias,)))
+          and kernel.ndim == 2 and kernel.shape[1] % 16 == 0 and rows >= MIN_ROWS)
 
 
 class Linear(nnx.Linear):
@@ -93,7 +91,7 @@ class Linear(nnx.Linear):
   def __call__(self, inputs: jax.Array) -> jax.Array:
     if self.bias is not None and (self.dtype is None or jnp.dtype(self.dtype) == jnp.float32):
       kernel, bias = self.kernel[...], self.bias[...]
-      if (kernel_fits(inputs, kernel) and bias.dtype == jnp.float32
+      if (kernel_fits(inputs, kernel, bias)
           and resolve_grads(self.grads, active_platform()) == 'cpu_kernel'):
         return dense(inputs, kernel, bias)
     return super().__call__(inputs)

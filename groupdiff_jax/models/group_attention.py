@@ -179,7 +179,7 @@ def group_attention(qkv: jax.Array, groups: 'int | Groups', backend: str = 'auto
   ctx = sharding.active()
   platform = None if ctx is None else mesh_platform(ctx[0])
   attend = functools.partial(attention_lib.attention, backend=backend, platform=platform)
-  if ctx is None or ctx[0].size == 1:
+  if sharding.one_device():
     # One device (or plain use outside a mesh): the same computation on the whole batch. A
     # one-device shard_map would only add copies (its transpose all-reduces the gradient).
     return _attend_segments(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], groups.segments, attend)

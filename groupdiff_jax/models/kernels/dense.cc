@@ -15,6 +15,8 @@
 
 namespace {
 
+constexpr int64_t kChunkFloats = 131072;  // X's rows per pass are sized to this many floats
+
 
 ffi::Error DenseGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> d_y,
                      ffi::ResultBuffer<ffi::F32> d_w, ffi::ResultBuffer<ffi::F32> d_b) {
@@ -29,7 +31,8 @@ ffi::Error DenseGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const float *xp = x.typed_data(), *yp = d_y.typed_data();
   float *wp = d_w->typed_data(), *bp = d_b->typed_data();
   constexpr int64_t kStrip = kVecs * kLanes;
-  const int64_t chunk = std::max<int64_t>(64, std::min<int64_t>(256, 131072 / std::max<int64_t>(k, 1)));
+  // Rows per pass: X's chunk (chunk x K floats) about 512 KiB, within L2 beside dY's panel.
+  const int64_t chunk = std::clamp<int64_t>(kChunkFloats / std::max<int64_t>(k, 1), 64, 256);
   if (m == 0) {  // no rows: zero gradients
     std::fill(wp, wp + k * n, 0.0f);
     std::fill(bp, bp + n, 0.0f);
