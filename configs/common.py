@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'bfloat16'     # compute dtype; parameters stay in param_dtype
   c.model.param_dtype = 'float32'
   c.model.remat = False          # rematerialise each block in the backward pass
-  c.model.residuals = 'auto'     # else what the backward keeps: all | dots | auto (CPU: dots)
+  c.model.residuals = 'auto'     # what the backward keeps: all | dots | auto (CPU, GPU: dots)
   c.model.dense_grads = 'auto'   # xla | cpu_kernel | auto (the C++ kernel on a one-device CPU run)
   c.model.time_convention = 'noise_at_1'  # 'noise_at_0' for converted original SiT checkpoints
 

@@ -86,7 +86,11 @@ def main(argv):
         f'model {FLAGS.config.model.name} | batch {FLAGS.config.data.global_batch} | '
         f'dtype {FLAGS.config.model.dtype} | attention {FLAGS.config.model.attention} | '
         f'mode GroupDiff-{FLAGS.mode}', flush=True)
-  rows = [bench_one(FLAGS.config, int(n), FLAGS.mode, FLAGS.steps) for n in FLAGS.group_sizes]
+  rows = []
+  for n in FLAGS.group_sizes:  # each row as it is measured: a run cut short keeps what it had
+    rows.append(bench_one(FLAGS.config, int(n), FLAGS.mode, FLAGS.steps))
+    progress.say(' | '.join(f'{k} {v:.1f}' if isinstance(v, float) else f'{k} {v}'
+                            for k, v in rows[-1].items()))
   progress.print_table(rows)
 
 

@@ -275,8 +275,10 @@ def test_saving_only_the_dense_outputs_gives_the_same_gradients():
 
 def test_residuals_auto_picks_per_platform_and_names_are_checked():
   cfg = sit.SiTConfig(depth=1, hidden=8, heads=1, patch=2, dense_grads='xla')  # see test_dense
-  assert sit.sublayer_policy(cfg, 'cpu') is jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  assert sit.sublayer_policy(cfg, 'tpu') is None and sit.sublayer_policy(cfg, 'gpu') is None
+  for platform in ('cpu', 'gpu', 'cuda'):
+    assert sit.sublayer_policy(cfg, platform) is (
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  assert sit.sublayer_policy(cfg, 'tpu') is None
   assert sit.sublayer_policy(dataclasses.replace(cfg, residuals='all'), 'cpu') is None
   model_cfg = ml_collections.ConfigDict(dict(
       name='SiT-S/2', input_size=32, in_channels=4, num_classes=10, learn_sigma=False,
