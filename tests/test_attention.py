@@ -77,6 +77,33 @@ def test_flash_cpu_any_lengths_and_head_dims(q_shape, kv_length):
     np.testing.assert_allclose(g, w, atol=2e-5 * float(jnp.abs(w).max()), rtol=1e-4)
 
 
+@pytest.mark.parametrize('shape', [
+    (2, 256, 3, 6, 64),  # SiT-S/2's qkv: rows read in place at a stride of 3 * H * D
+    (1, 20, 3, 2, 72),   # SiT-XL's head_dim 72: rows packed to whole vectors
+    (3, 7, 3, 1, 8),     # fewer tokens than one vector
+])
+def test_flash_cpu_packed_qkv_equals_the_sliced_call(shape):
+  """The packed entry reads q, k, v out of qkv [B, L, 3, H, D] in place and writes the gradient
+  of qkv whole: the same numbers as slicing q, k, v and calling the kernel on them."""
+  qkv = 2 * jax.random.normal(jax.random.PRNGKey(0), shape)
+  probe = jax.random.normal(jax.random.PRNGKey(1), shape[:2] + shape[3:])
+  sliced = lambda a: flash_cpu.flash_cpu_attention(a[:, :, 0], a[:, :, 1], a[:, :, 2])
+  np.testing.assert_allclose(flash_cpu.flash_cpu_attention_packed(qkv), sliced(qkv),
+                             atol=1e-6, rtol=1e-6)
+  grad = lambda fn: jax.jit(jax.grad(lambda a: jnp.sum(fn(a) * probe)))(qkv)
+  want = grad(lambda a: attn.reference_attention(a[:, :, 0], a[:, :, 1], a[:, :, 2]))
+  np.testing.assert_allclose(grad(flash_cpu.flash_cpu_attention_packed), want,
+                             atol=2e-5 * float(jnp.abs(want).max()), rtol=1e-4)
+  got = jax.vmap(flash_cpu.flash_cpu_attention_packed)(jnp.stack([qkv, -qkv]))
+  np.testing.assert_allclose(got[1], sliced(-qkv), atol=1e-6, rtol=1e-6)
+
+
+def test_only_flash_cpu_has_a_packed_form():
+  assert attn.packed_attention('flash_cpu', 'cpu') is flash_cpu.flash_cpu_attention_packed
+  assert attn.packed_attention('auto', 'cpu') is flash_cpu.flash_cpu_attention_packed
+  assert attn.packed_attention('auto', 'tpu') is None and attn.packed_attention('xla') is None
+
+
 def test_flash_cpu_under_vmap_and_in_bfloat16():
   q, k, v = _qkv((3, 2, 24, 2, 16))  # a leading vmapped axis over [B, L, H, D]
   got = jax.vmap(flash_cpu.flash_cpu_attention)(q, k, v)

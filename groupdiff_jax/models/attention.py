@@ -222,6 +222,11 @@ BACKENDS: dict[str, AttentionFn] = {
 AUTO = {'gpu': 'cudnn', 'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'flash_cpu'}
 # Kernels whose outputs carry no shard_map varying-axes types (a Pallas kernel, a custom call).
 UNTYPED = frozenset({'splash', 'flash_cpu'})
+# Backends that also read the model's packed qkv [B, L, 3, H, D] whole (and return its gradient
+# whole): no q/k/v slices going in, no join of dq/dk/dv coming out.
+PACKED: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'flash_cpu': flash_cpu.flash_cpu_attention_packed,
+}
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
@@ -237,6 +242,13 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
     raise ValueError(f"attention backend 'flash_cpu' runs on CPU only, not on {platform}; use "
                      "'auto'")
   return name
+
+
+def packed_attention(backend: str = 'auto',
+                     platform: str | None = None) -> Callable[[jax.Array], jax.Array] | None:
+  """The backend's packed form (qkv [B, L, 3, H, D] -> [B, L, H, D]) where it has one, else None:
+  callers then slice q, k, v and call `attention`."""
+  return PACKED.get(resolve_backend(backend, platform))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, backend: str = 'auto',

@@ -32,6 +32,8 @@ _HEADERS = ('common.h',)
 TARGETS = {
     'groupdiff_flash_cpu_forward': 'GroupdiffFlashCpuForward',
     'groupdiff_flash_cpu_backward': 'GroupdiffFlashCpuBackward',
+    'groupdiff_flash_cpu_forward_packed': 'GroupdiffFlashCpuForwardPacked',
+    'groupdiff_flash_cpu_backward_packed': 'GroupdiffFlashCpuBackwardPacked',
     'groupdiff_dense_grad': 'GroupdiffDenseGrad',
 }
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')

@@ -106,14 +106,16 @@ def as_groups(group_size: 'int | Groups', num_images: int) -> Groups:
   return Groups.uniform(num_images, int(group_size))
 
 
-def _attend_segments(q, k, v, segments: Sequence[Segment], attend) -> jax.Array:
-  """Per segment: join each group's images along the sequence, attend, split back."""
-  outs, start = [], 0
+def _attend_segments(arrays: Sequence[jax.Array], segments: Sequence[Segment],
+                     attend) -> jax.Array:
+  """Per segment: join each group's images along the sequence, attend, split back. `arrays` are
+  q, k, v [N, T, H, Dh], or the packed qkv [N, T, 3, H, Dh] for a backend that reads it whole."""
+  outs, start, tokens = [], 0, arrays[0].shape[1]
   for images, size in segments:
     def grouped(a):
       return a[start:start + images].reshape(images // size, size * a.shape[1], *a.shape[2:])
-    out = attend(grouped(q), grouped(k), grouped(v))
-    outs.append(out.reshape(images, q.shape[1], *out.shape[2:]))
+    out = attend(*map(grouped, arrays))
+    outs.append(out.reshape(images, tokens, *out.shape[2:]))
     start += images
   return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
@@ -179,10 +181,13 @@ def group_attention(qkv: jax.Array, groups: 'int | Groups', backend: str = 'auto
   ctx = sharding.active()
   platform = None if ctx is None else mesh_platform(ctx[0])
   attend = functools.partial(attention_lib.attention, backend=backend, platform=platform)
+  packed = attention_lib.packed_attention(backend, platform)  # reads qkv whole, or None
   if sharding.one_device():
     # One device (or plain use outside a mesh): the same computation on the whole batch. A
     # one-device shard_map would only add copies (its transpose all-reduces the gradient).
-    return _attend_segments(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], groups.segments, attend)
+    if packed:
+      return _attend_segments((qkv,), groups.segments, packed)
+    return _attend_segments((qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]), groups.segments, attend)
 
   mesh, rules = ctx
   spec = sharding.logical_to_spec(('batch', 'tokens', 'heads'), rules, mesh)
@@ -191,15 +196,19 @@ def group_attention(qkv: jax.Array, groups: 'int | Groups', backend: str = 'auto
   head_axes = _fitting_axes(mesh, _axes(spec[2]), qkv.shape[3])
 
   def local(qkv):
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if token_axes:  # context parallelism: local queries, the whole group's keys and values
-      k = jax.lax.all_gather(k, token_axes, axis=1, tiled=True)
-      v = jax.lax.all_gather(v, token_axes, axis=1, tiled=True)
-    branches = [functools.partial(_attend_segments, segments=s, attend=attend) for s in kinds]
+    if packed and not token_axes:
+      arrays, fn = (qkv,), packed
+    else:
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      if token_axes:  # context parallelism: local queries, the whole group's keys and values
+        k = jax.lax.all_gather(k, token_axes, axis=1, tiled=True)
+        v = jax.lax.all_gather(v, token_axes, axis=1, tiled=True)
+      arrays, fn = (q, k, v), attend
+    branches = [functools.partial(_attend_segments, segments=s, attend=fn) for s in kinds]
     if len(branches) == 1:
-      return branches[0](q, k, v)
+      return branches[0](arrays)
     index = jnp.asarray(kind_of, jnp.int32)[jax.lax.axis_index(batch_axes)]
-    return jax.lax.switch(index, branches, q, k, v)
+    return jax.lax.switch(index, branches, arrays)
 
   names = lambda axes: axes or None
   in_spec = P(names(batch_axes), names(token_axes), None, names(head_axes), None)

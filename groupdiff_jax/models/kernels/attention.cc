@@ -3,6 +3,7 @@
 // Built on first use by models/cpu_kernels.py with the machine's C++ compiler (-O3 -march=native)
 // against the FFI headers that ship with jaxlib. Layout: q [..., Lq, H, D], k and v [..., Lk, H, D]
 // (BTNH, what the model produces), read and written in place: no transposes around the kernel.
+// The packed variants take the model's qkv [..., L, 3, H, D] itself and return its gradient whole.
 // One work item is one (batch, head) pair; items are spread over XLA's intra-op thread pool.
 //
 // Why a hand-written kernel: at SiT's 256 tokens per image XLA's CPU backend runs attention as
@@ -48,10 +49,12 @@ inline Vec Exp(Vec x) {
 
 struct Shape {
   int64_t batch, q_len, kv_len, heads, dim;
+  // Floats between consecutive tokens: of q, k, v and their gradients (3 * heads * dim when they
+  // are the parts of one packed [..., L, 3, H, D] array), and of out and d_out (heads * dim).
+  int64_t in_row, out_row;
   int64_t dim_pad() const { return RoundUp(dim, kLanes); }
   int64_t q_pad() const { return RoundUp(q_len, kLanes); }
   int64_t kv_pad() const { return RoundUp(kv_len, kLanes); }
-  int64_t row() const { return heads * dim; }  // distance between consecutive tokens
   float scale() const { return 1.0f / std::sqrt(static_cast<float>(dim)); }
 };
 
@@ -67,6 +70,21 @@ ffi::Error GetShape(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
   }
   *s = Shape{1, qd[rank - 3], kd[rank - 3], qd[rank - 2], qd[rank - 1]};
   for (size_t i = 0; i + 3 < rank; ++i) s->batch *= qd[i];
+  s->in_row = s->out_row = s->heads * s->dim;
+  return ffi::Error::Success();
+}
+
+// qkv [..., L, 3, H, D]: q, k and v are its three parts, read (and their gradients written) in
+// place at a token stride of 3 * H * D.
+ffi::Error GetPackedShape(const ffi::Buffer<ffi::F32>& qkv, Shape* s) {
+  auto d = qkv.dimensions();
+  const size_t rank = d.size();
+  if (rank < 4 || d[rank - 3] != 3)
+    return ffi::Error::InvalidArgument("flash_cpu: qkv must be [..., length, 3, heads, dim]");
+  *s = Shape{1, d[rank - 4], d[rank - 4], d[rank - 2], d[rank - 1]};
+  for (size_t i = 0; i + 4 < rank; ++i) s->batch *= d[i];
+  s->out_row = s->heads * s->dim;
+  s->in_row = 3 * s->out_row;
   return ffi::Error::Success();
 }
 
@@ -90,15 +108,16 @@ void PackRows(const float* src, int64_t len, int64_t dim, int64_t row, int64_t l
   std::fill(dst + len * dim_pad, dst + len_pad * dim_pad, 0.0f);
 }
 
-// The right-hand operand [len][dim]: read in place when its rows are whole vectors, else packed.
-// Read in place, it has only `len` rows: products over it must not run into the padding.
-const float* RowOperand(const float* src, const Shape& s, int64_t len, int64_t len_pad,
-                        float* scratch, int64_t* ld) {
+// The right-hand operand [len][dim], rows `row` apart: read in place when its rows are whole
+// vectors, else packed. Read in place, it has only `len` rows: products over it must not run into
+// the padding.
+const float* RowOperand(const float* src, const Shape& s, int64_t row, int64_t len,
+                        int64_t len_pad, float* scratch, int64_t* ld) {
   if (s.dim % kLanes == 0) {
-    *ld = s.row();
+    *ld = row;
     return src;
   }
-  PackRows(src, len, s.dim, s.row(), len_pad, s.dim_pad(), scratch);
+  PackRows(src, len, s.dim, row, len_pad, s.dim_pad(), scratch);
   *ld = s.dim_pad();
   return scratch;
 }
@@ -106,16 +125,17 @@ const float* RowOperand(const float* src, const Shape& s, int64_t len, int64_t l
 void ForwardItem(const Shape& s, int64_t item, const float* q, const float* k, const float* v,
                  float* out, float* lse) {
   const int64_t b = item / s.heads, h = item % s.heads;
-  const int64_t dp = s.dim_pad(), kp = s.kv_pad(), row = s.row();
+  const int64_t dp = s.dim_pad(), kp = s.kv_pad(), row = s.in_row;
   const float scale = s.scale();
   const int64_t q0 = b * s.q_len * row + h * s.dim, k0 = b * s.kv_len * row + h * s.dim;
+  const int64_t o0 = b * s.q_len * s.out_row + h * s.dim;
   float* kt = Scratch(s.dim * kp + kp * dp + kRows * kp + kRows * dp);
   float* vp = kt + s.dim * kp;
   float* scores = vp + kp * dp;
   float* o = scores + kRows * kp;
   PackTransposed(k + k0, s.kv_len, s.dim, row, kp, kt);
   int64_t ldv;
-  const float* vb = RowOperand(v + k0, s, s.kv_len, kp, vp, &ldv);
+  const float* vb = RowOperand(v + k0, s, row, s.kv_len, kp, vp, &ldv);
   for (int64_t i0 = 0; i0 < s.q_len; i0 += kRows) {
     const int64_t rows = std::min<int64_t>(kRows, s.q_len - i0);
     Gemm<false>(rows, kp, s.dim, q + q0 + i0 * row, row, 1, kt, kp, scores, kp);
@@ -152,7 +172,7 @@ void ForwardItem(const Shape& s, int64_t item, const float* q, const float* k, c
     Gemm<false>(rows, dp, s.kv_len, scores, kp, 1, vb, ldv, o, dp);  // V's real rows only
     for (int64_t r = 0; r < rows; ++r) {
       const float inv = 1.0f / total[r];
-      float* dst = out + q0 + (i0 + r) * row;
+      float* dst = out + o0 + (i0 + r) * s.out_row;
       for (int64_t d = 0; d < s.dim; ++d) dst[d] = o[r * dp + d] * inv;
       lse[item * s.q_len + i0 + r] = peak[r] * scale + std::log(total[r]);
     }
@@ -175,9 +195,10 @@ void BackwardItem(const Shape& s, int64_t item, const float* q, const float* k, 
                   const float* out, const float* lse, const float* d_out, float* d_q, float* d_k,
                   float* d_v) {
   const int64_t b = item / s.heads, h = item % s.heads;
-  const int64_t dp = s.dim_pad(), qp = s.q_pad(), kvp = s.kv_pad(), row = s.row();
+  const int64_t dp = s.dim_pad(), qp = s.q_pad(), kvp = s.kv_pad(), row = s.in_row;
   const float scale = s.scale();
   const int64_t q0 = b * s.q_len * row + h * s.dim, k0 = b * s.kv_len * row + h * s.dim;
+  const int64_t o0 = b * s.q_len * s.out_row + h * s.dim;
   // Keys per block: the block's P^T and dS^T ([block][Lq] each) stay within ~512 KiB.
   const int64_t block = std::max<int64_t>(kRows, std::min<int64_t>(8 * kRows, (1 << 16) / qp)
                                                       / kRows * kRows);
@@ -194,17 +215,17 @@ void BackwardItem(const Shape& s, int64_t item, const float* q, const float* k, 
   float* d_scores_t = weights_t + block * qp;  // dP^T, then dS^T [block][Lq]
   float* grad = d_scores_t + block * qp;     // dV or dK rows [block][Dp]
   PackTransposed(q + q0, s.q_len, s.dim, row, qp, qt);
-  PackTransposed(d_out + q0, s.q_len, s.dim, row, qp, dot);
+  PackTransposed(d_out + o0, s.q_len, s.dim, s.out_row, qp, dot);
   int64_t ldq, ldo, ldk;
-  const float* qb = RowOperand(q + q0, s, s.q_len, qp, q_rows, &ldq);
-  const float* dob = RowOperand(d_out + q0, s, s.q_len, qp, do_rows, &ldo);
-  const float* kb = RowOperand(k + k0, s, s.kv_len, kvp, k_rows, &ldk);
+  const float* qb = RowOperand(q + q0, s, row, s.q_len, qp, q_rows, &ldq);
+  const float* dob = RowOperand(d_out + o0, s, s.out_row, s.q_len, qp, do_rows, &ldo);
+  const float* kb = RowOperand(k + k0, s, row, s.kv_len, kvp, k_rows, &ldk);
   std::fill(dq_acc, dq_acc + qp * dp, 0.0f);
   for (int64_t i = 0; i < qp; ++i) {
     float sum = 0.0f;
     if (i < s.q_len) {
-      const float* o = out + q0 + i * row;
-      const float* g = d_out + q0 + i * row;
+      const float* o = out + o0 + i * s.out_row;
+      const float* g = d_out + o0 + i * s.out_row;
       for (int64_t d = 0; d < s.dim; ++d) sum += o[d] * g[d];
     }
     delta[i] = sum;
@@ -258,7 +279,54 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The packed variants: q, k, v (and dq, dk, dv) are the parts of one [..., L, 3, H, D] array, as
+// the model's qkv projection writes them; no slices going in, no concatenation coming out.
+ffi::Error ForwardPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                         ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  Shape s;
+  if (ffi::Error error = GetPackedShape(qkv, &s); error.failure()) return error;
+  const float* q = qkv.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+  ParallelFor(pool, s.batch * s.heads, [&](int64_t item) {
+    ForwardItem(s, item, q, q + s.out_row, q + 2 * s.out_row, op, lp);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardPacked(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                          ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                          ffi::Buffer<ffi::F32> d_out, ffi::ResultBuffer<ffi::F32> d_qkv) {
+  Shape s;
+  if (ffi::Error error = GetPackedShape(qkv, &s); error.failure()) return error;
+  const float *q = qkv.typed_data(), *op = out.typed_data(), *lp = lse.typed_data();
+  const float* gp = d_out.typed_data();
+  float* dq = d_qkv->typed_data();
+  const int64_t part = s.out_row;  // k's and v's offsets within a token's row
+  ParallelFor(pool, s.batch * s.heads, [&](int64_t item) {
+    BackwardItem(s, item, q, q + part, q + 2 * part, op, lp, gp, dq, dq + part, dq + 2 * part);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupdiffFlashCpuForwardPacked, ForwardPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv [..., L, 3, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out [..., L, H, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse [..., H, L]
+);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupdiffFlashCpuBackwardPacked, BackwardPacked,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // qkv
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_qkv [..., L, 3, H, D]
+);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupdiffFlashCpuForward, Forward,
                               ffi::Ffi::Bind()
