@@ -93,3 +93,12 @@ def test_cli_rejects_unknown_cases_in_one_line():
   assert proc.returncode == 2
   assert proc.stderr.strip().startswith('groupdiff_jax: error: --cases=nothing_like_this matches')
   assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_rounds_alternate_which_side_runs_first():
+  """A B, B A, A B: what one framework leaves behind for the next call falls on both sides."""
+  from groupdiff_jax.benchmarking import vs_torch  # pylint: disable=import-outside-toplevel
+  calls = []
+  sides = [vs_torch.Side(name, lambda name=name: calls.append(name), 0.0) for name in 'ab']
+  medians = vs_torch.time_case(sides, reps=3)
+  assert calls == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b'] and len(medians) == 2

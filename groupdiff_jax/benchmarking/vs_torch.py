@@ -255,12 +255,17 @@ def _layout(base, case: Case):
 # --- the interleaved run -------------------------------------------------------------------------
 
 def time_case(sides: list[Side], reps: int) -> list[float]:
-  """Median seconds per call of each side: one warm-up call each, then `reps` rounds in turn."""
+  """Median seconds per call of each side: one warm-up call each, then `reps` rounds in turn.
+
+  The order alternates round by round (A B, B A, ...): whatever one framework leaves behind for
+  the next call (its worker threads still spinning, caches filled with its data) falls on each
+  side equally often, not always on the side that runs second."""
   for side in sides:
     side.run()
   times = [[] for _ in sides]
-  for _ in range(reps):
-    for side, ts in zip(sides, times):
+  for round_ in range(reps):
+    order = list(zip(sides, times))
+    for side, ts in (order if round_ % 2 == 0 else order[::-1]):
       t0 = time.perf_counter()
       side.run()
       ts.append(time.perf_counter() - t0)
