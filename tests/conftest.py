@@ -112,6 +112,23 @@ def compiled_step_cache():
     yield
 
 
+def run_steps(config, mesh, num_steps: int):
+  """`num_steps` train steps of `config` on `mesh` from a fresh state: (losses, final state)."""
+  from groupdiff_jax import train_step  # pylint: disable=import-outside-toplevel
+  from groupdiff_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  trainer = train_step.build(config, mesh)
+  state = train_step.init_state(trainer, config.seed)
+  step_fn = train_step.make_train_step(trainer, config)
+  data = pipeline.make_train_data(config, trainer.layout, order=trainer.order)
+  losses = []
+  for _ in range(num_steps):
+    batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
+             for k, v in next(data).items()}
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics['loss']))
+  return np.array(losses), state
+
+
 def random_dinov2_folder(d, hidden=32, depth=1, heads=2, patch=14, image_size=28):
   """A random DINOv2 checkpoint in the Hugging Face layout, written with numpy only (no torch)."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel

@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from groupdiff_jax import sharding, train_step
-from groupdiff_jax.data import pipeline
+from groupdiff_jax import sharding
 from groupdiff_jax.models import attention as attn
 
-from conftest import tiny_config
+from conftest import run_steps, tiny_config
 
 pytestmark = pytest.mark.gpu
 
@@ -31,18 +30,7 @@ def test_cudnn_gradient_matches_reference():
 def _losses(attention: str, steps: int = 3) -> np.ndarray:
   c = tiny_config(**{'model.attention': attention, 'mesh.shape': (1, 1, 1),
                      'model.name': 'SiT-d2h64n2/2'})
-  mesh = sharding.make_mesh(c.mesh.axes, c.mesh.shape, jax.devices()[:1])
-  trainer = train_step.build(c, mesh)
-  state = train_step.init_state(trainer, c.seed)
-  step_fn = train_step.make_train_step(trainer, c)
-  data = pipeline.make_train_data(c, trainer.layout, order=trainer.order)
-  losses = []
-  for _ in range(steps):
-    batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
-             for k, v in next(data).items()}
-    state, metrics = step_fn(state, batch)
-    losses.append(float(metrics['loss']))
-  return np.array(losses)
+  return run_steps(c, sharding.make_mesh(c.mesh.axes, c.mesh.shape, jax.devices()[:1]), steps)[0]
 
 
 def test_train_steps_with_cudnn_attention_match_xla_attention():

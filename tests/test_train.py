@@ -12,7 +12,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import compiled_step_cache, tiny_config
+from conftest import compiled_step_cache, run_steps, tiny_config
 
 from groupdiff_jax import checkpoint, sharding, train, train_step
 from groupdiff_jax.data import pipeline
@@ -69,28 +69,14 @@ def runs(tmp_path_factory):
 
 # --- sharding -------------------------------------------------------------------------------
 
-def _run_steps(config, mesh, num_steps):
-  trainer = train_step.build(config, mesh)
-  state = train_step.init_state(trainer, config.seed)
-  step_fn = train_step.make_train_step(trainer, config)
-  data = pipeline.make_train_data(config, trainer.layout, order=trainer.order)
-  losses = []
-  for _ in range(num_steps):
-    batch = {k: jax.make_array_from_process_local_data(trainer.batch_shardings[k], v)
-             for k, v in next(data).items()}
-    state, metrics = step_fn(state, batch)
-    losses.append(float(metrics['loss']))
-  return np.array(losses), state
-
-
 def test_same_losses_on_one_device_and_on_a_2x4_fsdp_mesh():
   config = tiny_config(**{'mesh.shape': (2, 4, 1)})
   axes = config.mesh.axes
   one = sharding.make_mesh(axes, (1, 1, 1), jax.devices()[:1])
   eight = sharding.mesh_from_config(config)
   assert dict(eight.shape) == {'data': 2, 'fsdp': 4, 'context': 1}
-  losses_1, state_1 = _run_steps(config, one, 3)
-  losses_8, state_8 = _run_steps(config, eight, 3)
+  losses_1, state_1 = run_steps(config, one, 3)
+  losses_8, state_8 = run_steps(config, eight, 3)
   assert np.all(np.isfinite(losses_1)) and len(set(losses_1.tolist())) == 3
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
 
