@@ -89,8 +89,7 @@ def main(argv):
   rows = []
   for n in FLAGS.group_sizes:  # each row as it is measured: a run cut short keeps what it had
     rows.append(bench_one(FLAGS.config, int(n), FLAGS.mode, FLAGS.steps))
-    progress.say(' | '.join(f'{k} {v:.1f}' if isinstance(v, float) else f'{k} {v}'
-                            for k, v in rows[-1].items()))
+    progress.print_row(rows[-1])
   progress.print_table(rows)
 
 

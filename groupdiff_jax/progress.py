@@ -73,10 +73,19 @@ class Progress:
       self.log(self.line(extra))
 
 
+def cell(value, float_format: str = '.1f') -> str:
+  """One value of a benchmark row as printed: floats in `float_format`, the rest as str()."""
+  return format(value, float_format) if isinstance(value, float) else str(value)
+
+
+def print_row(row: dict, float_format: str = '.1f') -> None:
+  """One row as a 'key value | key value' line, as soon as it is measured."""
+  say(' | '.join(f'{k} {cell(v, float_format)}' for k, v in row.items()))
+
+
 def print_table(rows: list[dict], float_format: str = '.1f') -> None:
   """Rows of equal keys as a Markdown table on stdout (benchmarks paste it into BENCHMARKS.md)."""
   header = list(rows[0])
   say('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
   for r in rows:
-    say('| ' + ' | '.join(format(v, float_format) if isinstance(v, float) else str(v)
-                          for v in r.values()) + ' |')
+    say('| ' + ' | '.join(cell(v, float_format) for v in r.values()) + ' |')

@@ -16,11 +16,13 @@ what=${1:-all}
 export PYTHONUNBUFFERED=1
 # A rerun on the same machine loads its executables instead of compiling them again.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/groupdiff_jax_cache}
-PACKAGES=(grain ml_collections array_record dm_tree importlib_resources)
+# What the trainer imports that such an image lacks (scann and tensorflow-datasets are imported
+# lazily and not needed here); the image's own jax, numpy and protobuf must not be shadowed.
+PACKAGES=(grain ml_collections array_record dm_tree importlib_resources portpicker)
 if ! python3 -c 'import grain, ml_collections' 2>/dev/null; then
-  if [ -n "${WHEELS:-}" ]; then  # no dependency resolution offline: the folder holds exactly them
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/groupdiff_site \
-      "$WHEELS"/*.whl || exit 1
+  if [ -n "${WHEELS:-}" ]; then  # just these, from a folder that may hold their whole closure
+    python3 -m pip install -q --no-index --no-deps --no-compile --find-links "$WHEELS" \
+      --target /tmp/groupdiff_site "${PACKAGES[@]}" || exit 1
     export PYTHONPATH=/tmp/groupdiff_site${PYTHONPATH:+:$PYTHONPATH}
   else
     python3 -m pip install -q "${PACKAGES[@]}" || exit 1
