@@ -1,5 +1,5 @@
-"""Dense layers with the CPU kernel's weight and bias gradients (models/dense.py, kernels/dense.cc)
-against XLA's own differentiation: the op alone, the SiT blocks, on one device and on a mesh."""
+"""Dense layers with the CPU kernel's gradients (models/dense.py, kernels/dense.cc) against XLA's
+own differentiation: the op alone, the SiT blocks, on one device and on a mesh."""
 import dataclasses
 
 import jax
@@ -24,7 +24,9 @@ def _grads(fn, x, kernel, bias, probe):
     ((2, 300, 40), 48),   # K not a multiple of the 6-row tile, N not of the 4-vector strip
     ((520, 384), 16),     # rows past two whole 256-row chunks; one vector of columns
     ((1, 259, 7), 160),   # K below one tile; many strips
-    ((300, 770), 32),     # K over two 384-row blocks of dW, the last one ragged
+    ((300, 770), 32),     # K over two 384-row blocks of dW, the last one ragged; dx: 12 whole
+                          # 64-column panels, then 2 columns of dot products
+    ((3, 100, 130), 400),  # dx: N over one 384-deep chunk; panels of 64, 64 and a 2-column tail
 ])
 def test_kernel_gradients_equal_xla(x_shape, n):
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -119,9 +121,9 @@ def test_sit_gradients_with_the_kernel_equal_xla(residuals, mesh_shape):
   mesh = sharding.make_mesh(AXES, mesh_shape) if mesh_shape else None
   xla_jaxpr, (want_loss, want) = _loss_and_grad('xla', residuals, mesh)
   jaxpr, (got_loss, got) = _loss_and_grad('cpu_kernel', residuals, mesh)
-  assert 'groupdiff_dense_grad' not in xla_jaxpr
+  assert 'groupdiff_dense_backward' not in xla_jaxpr
   # every block's qkv, proj, fc1, fc2, plus the patch embedding and the output layer
-  assert jaxpr.count('groupdiff_dense_grad') >= 4 + 2
+  assert jaxpr.count('groupdiff_dense_backward') >= 4 + 2
   assert ('policy=' in jaxpr) == (residuals == 'dots')  # jax.checkpoint around the sublayers
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())

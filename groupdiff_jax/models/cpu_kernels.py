@@ -1,8 +1,8 @@
 """The hand-written CPU kernels (kernels/*.cc): built once per machine, registered as XLA FFI
 targets for the host.
 
-attention.cc is 'flash_cpu' attention (flash_cpu.py); dense.cc the weight and bias gradients of
-dense layers (dense.py). The C++ sources ship with the package and are compiled together on first
+attention.cc is 'flash_cpu' attention (flash_cpu.py); dense.cc the gradients of dense
+layers (dense.py). The C++ sources ship with the package and are compiled together on first
 use with the machine's C++ compiler (`$CXX`, else `c++`; -O3 -march=native) against the FFI
 headers of the installed jaxlib, then cached: `$GROUPDIFF_JAX_KERNEL_CACHE`, else
 `~/.cache/groupdiff_jax/kernels`, one file per (sources, compiler, jaxlib, CPU) so a cache shared
@@ -34,7 +34,7 @@ TARGETS = {
     'groupdiff_flash_cpu_backward': 'GroupdiffFlashCpuBackward',
     'groupdiff_flash_cpu_forward_packed': 'GroupdiffFlashCpuForwardPacked',
     'groupdiff_flash_cpu_backward_packed': 'GroupdiffFlashCpuBackwardPacked',
-    'groupdiff_dense_grad': 'GroupdiffDenseGrad',
+    'groupdiff_dense_backward': 'GroupdiffDenseBackward',
 }
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
 

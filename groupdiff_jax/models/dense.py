@@ -1,12 +1,14 @@
-"""Dense layers whose weight and bias gradients can come from the hand-written CPU kernel.
+"""Dense layers whose gradients can come from the hand-written CPU kernel.
 
 `Linear` is flax's nnx.Linear (same parameters, same forward) with one per-platform choice,
 `grads` (config `model.dense_grads`): 'xla' differentiates the layer as XLA lowers it; 'cpu_kernel'
-computes dW = x^T dy and db = sum(dy) in one pass over x and dy (kernels/dense.cc), where XLA:CPU
-first copies an operand into a transposed layout and sums db in a separate slow pass (SiT-S/2
-train step, BENCHMARKS.md). 'auto' picks the kernel on a one-device CPU run and XLA everywhere
-else: the custom call has no partitioning rule, so on a multi-device mesh XLA would gather its
-operands onto every device, and accelerators never see it.
+computes dx = dy W^T, then dW = x^T dy and db = sum(dy), in one call (kernels/dense.cc). XLA:CPU
+first copies an operand of dW's dot into a transposed layout and sums db in a separate slow pass;
+and beside a dW kernel of our own it ran its dx dot at the same time, the two sharing the cores
+and slower together than one after the other (SiT-S/2 train step, BENCHMARKS.md). 'auto' picks
+the kernel on a one-device CPU run and XLA everywhere else: the custom call has no partitioning
+rule, so on a multi-device mesh XLA would gather its operands onto every device, and
+accelerators never see it.
 """
 import jax
 import jax.numpy as jnp
@@ -21,7 +23,7 @@ GRADS = ('auto', 'xla', 'cpu_kernel')
 # The layer's output under the kernel path carries this name, so a `jax.checkpoint` policy can keep
 # it: the dot that computes it hides inside a custom_vjp, out of sight of the dot policies.
 OUTPUT_NAME = 'dense_output'
-_TARGET = 'groupdiff_dense_grad'
+_TARGET = 'groupdiff_dense_backward'
 # Rows (tokens) below which XLA's own lowering is kept: the timestep MLP and the adaLN layers
 # (one row per image) cost nothing either way.
 MIN_ROWS = 256
@@ -56,19 +58,18 @@ def _dense_fwd(x, kernel, bias):
 
 def _dense_bwd(residuals, d_y):
   x, kernel = residuals
-  d_x = jax.lax.dot_general(d_y, kernel, (((d_y.ndim - 1,), (1,)), ((), ())))
-  grads = (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
-           jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32))
-  d_kernel, d_bias = jax.ffi.ffi_call(_TARGET, grads, vmap_method='sequential')(x, d_y)
-  return d_x, d_kernel, d_bias
+  shapes = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+            jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+            jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32))
+  return jax.ffi.ffi_call(_TARGET, shapes, vmap_method='sequential')(x, d_y, kernel)
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-  """x [..., K] @ kernel [K, N] + bias [N] in float32; its backward computes the kernel and bias
-  gradients with the CPU kernel (N a multiple of 16). CPU only: an FFI target for the host."""
+  """x [..., K] @ kernel [K, N] + bias [N] in float32; its backward computes all three gradients
+  with the CPU kernel (N a multiple of 16). CPU only: an FFI target for the host."""
   cpu_kernels.register()
   return checkpoint_name(_dense(x, kernel, bias), OUTPUT_NAME)
 

@@ -1,16 +1,23 @@
-// The weight and bias gradients of a dense layer y = x W + b in one pass, as an XLA FFI custom call:
-//   dW [K][N] = X^T dY,  db [N] = column sums of dY,  X [M][K] and dY [M][N] row-major.
+// The three gradients of a dense layer y = x W + b in one XLA FFI custom call, X [M][K], dY [M][N]
+// and W [K][N] row-major:
+//   dX [M][K] = dY W^T,  dW [K][N] = X^T dY,  db [N] = column sums of dY.
 //
-// Why: XLA's CPU backend computes dW as a dot whose operand it first copies into a transposed
-// layout (a fused layer norm or GELU recomputation written column by column) and db as a
-// separate reduce-window pass over dY; on SiT-S/2's train step those copies and passes cost more
-// than the dots themselves. Here X and dY are read once, in place: a row of X's 6-column slice
-// is broadcast against 4 vectors of dY's row (the same micro-kernel as attention.cc, with A read
-// transposed), and db is summed from the dY rows while they are in cache.
+// Why one call: XLA's CPU backend computes dW as a dot whose operand it first copies into a
+// transposed layout and db as a separate reduce-window pass over dY; and when dW came from a
+// kernel of its own, XLA ran its dX dot beside it, the two splitting the cores between them and
+// running slower together (138-150 GFLOP/s on SiT-S/2's layers) than one after the other on all
+// cores (~185-195). Here dX runs first, then dW and db, each over all of the pool's threads.
 //
-// One work item is one strip of kVecs * kLanes columns of dW over a block of up to kBlockRows of
-// its rows (db comes with the first block); the rows of X and dY are taken in chunks so the
-// strip's dY panel and the block's X chunk stay in L2 while every 6-row tile of dW uses them.
+// Both products run through the micro-kernel shared with attention.cc (a 6-row tile of the
+// output, 4 vectors wide):
+// - dW: X read transposed in place (a row of X's 6-column slice broadcast against 4 vectors of
+//   dY's row); db is summed from the dY rows while they are in cache. One work item is one strip
+//   of 64 columns of dW over a block of up to kBlockRows of its rows; X's and dY's rows are taken
+//   in chunks so the strip's dY panel and the block's X chunk stay in L2.
+// - dX: W is first copied into panels of 64 of its rows, transposed, so each panel streams as
+//   contiguous B rows. One work item is a block of kDxRows rows of dX, walking N in chunks of
+//   kDxDepth so the block's dY chunk stays in L2 across all panels and each panel's chunk stays
+//   in L2 across the block's tiles. The last K % 16 columns (none in SiT) are dot products.
 
 #include "common.h"
 
@@ -23,38 +30,33 @@ constexpr int64_t kChunkFloats = 131072;  // X's rows per pass are sized to this
 constexpr int64_t kBlockRows = 384;
 
 
-ffi::Error DenseGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> d_y,
-                     ffi::ResultBuffer<ffi::F32> d_w, ffi::ResultBuffer<ffi::F32> d_b) {
-  auto xd = x.dimensions(), yd = d_y.dimensions();
-  if (xd.size() == 0 || yd.size() == 0)
-    return ffi::Error::InvalidArgument("dense_grad: x and d_y need a feature axis");
-  const int64_t k = xd.back(), n = yd.back();
-  const int64_t m = k ? static_cast<int64_t>(x.element_count()) / k : 0;
-  if (n % kLanes || m * n != static_cast<int64_t>(d_y.element_count()))
-    return ffi::Error::InvalidArgument("dense_grad: x [M, K] and d_y [M, N] disagree, or N is "
-                                       "not a multiple of the vector width");
-  const float *xp = x.typed_data(), *yp = d_y.typed_data();
-  float *wp = d_w->typed_data(), *bp = d_b->typed_data();
-  constexpr int64_t kStrip = kVecs * kLanes;
-  if (m == 0) {  // no rows: zero gradients
-    std::fill(wp, wp + k * n, 0.0f);
-    std::fill(bp, bp + n, 0.0f);
-    return ffi::Error::Success();
+// dW [K][N] = X^T dY and db [N], for items [0, strips * blocks) of a ParallelFor: one strip of
+// kVecs * kLanes columns of dW over one block of up to kBlockRows of its rows (db comes with the
+// first block).
+struct WeightGrad {
+  const float *x, *d_y;
+  float *d_w, *d_b;
+  int64_t m, k, n, strips, block, chunk;
+
+  WeightGrad(const float* x, const float* d_y, float* d_w, float* d_b, int64_t m, int64_t k,
+             int64_t n)
+      : x(x), d_y(d_y), d_w(d_w), d_b(d_b), m(m), k(k), n(n) {
+    strips = (n + kVecs * kLanes - 1) / (kVecs * kLanes);
+    block = std::min<int64_t>(k, kBlockRows);
+    // Rows per pass: the block's X chunk (chunk x block floats) ~512 KiB, in L2 beside dY's panel.
+    chunk = std::clamp<int64_t>(kChunkFloats / block, 64, 256);
   }
-  const int64_t strips = (n + kStrip - 1) / kStrip;
-  const int64_t block = std::min<int64_t>(k, kBlockRows);
-  const int64_t blocks = (k + block - 1) / block;
-  // Rows per pass: the block's X chunk (chunk x block floats) ~512 KiB, in L2 beside dY's panel.
-  const int64_t chunk = std::clamp<int64_t>(kChunkFloats / block, 64, 256);
-  ParallelFor(pool, strips * blocks, [&](int64_t item) {
+  int64_t items() const { return strips * ((k + block - 1) / block); }
+
+  void operator()(int64_t item) const {
     const int64_t strip = item % strips, i0 = item / strips * block;
     const int64_t i1 = std::min<int64_t>(k, i0 + block);
-    const int64_t j0 = strip * kStrip;
+    const int64_t j0 = strip * kVecs * kLanes;
     const int vecs = static_cast<int>(std::min<int64_t>(kVecs, (n - j0) / kLanes));
     Vec bias[kVecs] = {};
     for (int64_t m0 = 0; m0 < m; m0 += chunk) {
       const int64_t rows = std::min<int64_t>(chunk, m - m0);
-      const float* panel = yp + m0 * n + j0;
+      const float* panel = d_y + m0 * n + j0;
       if (i0 == 0)
         for (int64_t r = 0; r < rows; ++r)
           for (int v = 0; v < vecs; ++v) bias[v] += Load(panel + r * n + v * kLanes);
@@ -62,23 +64,112 @@ ffi::Error DenseGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       for (int64_t i = i0; i < i1; i += kRows) {
         const int tile = static_cast<int>(std::min<int64_t>(kRows, i1 - i));
         // A[r][t] = X[m0 + t][i + r]: X read transposed, straight from its rows.
-        kernels[(tile - 1) * kVecs + (vecs - 1)](rows, xp + m0 * k + i, 1, k, panel, n,
-                                                 wp + i * n + j0, n);
+        kernels[(tile - 1) * kVecs + (vecs - 1)](rows, x + m0 * k + i, 1, k, panel, n,
+                                                 d_w + i * n + j0, n);
       }
     }
     if (i0 == 0)
-      for (int v = 0; v < vecs; ++v) Store(bp + j0 + v * kLanes, bias[v]);
-  });
+      for (int v = 0; v < vecs; ++v) Store(d_b + j0 + v * kLanes, bias[v]);
+  }
+};
+
+// dX [M][K] = dY [M][N] W^T, for items [0, ceil(M / kDxRows)) of a ParallelFor, after Pack has
+// copied W into `panels` panels of kVecs * kLanes of its rows, transposed (panel p holds
+// W[p*64 + c][j] at [j][c]).
+constexpr int64_t kDxRows = 96;
+constexpr int64_t kDxDepth = 384;
+
+struct InputGrad {
+  const float *d_y, *w;
+  float *packed, *d_x;
+  int64_t m, k, n, panels;
+
+  int64_t items() const { return (m + kDxRows - 1) / kDxRows; }
+
+  void Pack(int64_t panel) const {  // W[p*64 .. +64][0..n) -> packed[p][j][c]
+    constexpr int64_t kWide = kVecs * kLanes;
+    const int64_t c0 = panel * kWide, cols = std::min<int64_t>(kWide, k - c0);
+    float* out = packed + panel * n * kWide;
+    for (int64_t j0 = 0; j0 < n; j0 += 16)
+      for (int64_t c = 0; c < cols; ++c)
+        for (int64_t j = j0; j < std::min<int64_t>(n, j0 + 16); ++j)
+          out[j * kWide + c] = w[(c0 + c) * n + j];
+  }
+
+  void operator()(int64_t item) const {
+    constexpr int64_t kWide = kVecs * kLanes;
+    const int64_t r0 = item * kDxRows, r1 = std::min<int64_t>(m, r0 + kDxRows);
+    for (int64_t d0 = 0; d0 < n; d0 += kDxDepth) {
+      const int64_t depth = std::min<int64_t>(kDxDepth, n - d0);
+      const auto& kernels = d0 ? kAdd : kSet;
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t c0 = p * kWide;
+        const int vecs = static_cast<int>(std::min<int64_t>(kVecs, (k - c0) / kLanes));
+        if (vecs == 0) break;  // only the last few columns are left: Tail's
+        const float* b = packed + p * n * kWide + d0 * kWide;
+        for (int64_t i = r0; i < r1; i += kRows) {
+          const int tile = static_cast<int>(std::min<int64_t>(kRows, r1 - i));
+          kernels[(tile - 1) * kVecs + (vecs - 1)](depth, d_y + i * n + d0, n, 1, b, kWide,
+                                                   d_x + i * k + c0, k);
+        }
+      }
+    }
+    Tail(r0, r1);
+  }
+
+  // The last K % kLanes columns of dX, as dot products of dY's rows with W's rows.
+  void Tail(int64_t r0, int64_t r1) const {
+    for (int64_t c = k / kLanes * kLanes; c < k; ++c)
+      for (int64_t i = r0; i < r1; ++i) {
+        Vec sum{};
+        for (int64_t j = 0; j < n; j += kLanes) sum += Load(d_y + i * n + j) * Load(w + c * n + j);
+        float total = 0.0f;
+        for (int l = 0; l < kLanes; ++l) total += sum[l];
+        d_x[i * k + c] = total;
+      }
+  }
+};
+
+ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::Buffer<ffi::F32> d_y, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> d_x, ffi::ResultBuffer<ffi::F32> d_w,
+                         ffi::ResultBuffer<ffi::F32> d_b) {
+  auto xd = x.dimensions(), yd = d_y.dimensions(), wd = w.dimensions();
+  if (xd.size() == 0 || yd.size() == 0 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("dense backward: x and d_y need a feature axis, w two axes");
+  const int64_t k = xd.back(), n = yd.back();
+  const int64_t m = k ? static_cast<int64_t>(x.element_count()) / k : 0;
+  if (wd[0] != k || wd[1] != n || n % kLanes || m * n != static_cast<int64_t>(d_y.element_count()))
+    return ffi::Error::InvalidArgument("dense backward: x [M, K], d_y [M, N] and w [K, N] "
+                                       "disagree, or N is not a multiple of the vector width");
+  float *wp = d_w->typed_data(), *bp = d_b->typed_data();
+  if (m == 0) {  // no rows: zero weight and bias gradients (dX is empty)
+    std::fill(wp, wp + k * n, 0.0f);
+    std::fill(bp, bp + n, 0.0f);
+    return ffi::Error::Success();
+  }
+  constexpr int64_t kWide = kVecs * kLanes;
+  const int64_t panels = (k + kWide - 1) / kWide;
+  thread_local std::vector<float> packed;  // the calling thread's; kept between calls
+  if (packed.size() < static_cast<size_t>(panels * n * kWide)) packed.resize(panels * n * kWide);
+  InputGrad input{d_y.typed_data(), w.typed_data(), packed.data(), d_x->typed_data(),
+                  m, k, n, panels};
+  ParallelFor(pool, panels, [&](int64_t p) { input.Pack(p); });
+  ParallelFor(pool, input.items(), input);  // dX first: the rest of the backward pass waits on it
+  WeightGrad grad(x.typed_data(), d_y.typed_data(), wp, bp, m, k, n);
+  ParallelFor(pool, grad.items(), grad);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupdiffDenseGrad, DenseGrad,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GroupdiffDenseBackward, DenseBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [..., K]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_y [..., N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [K, N]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_x [..., K]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_w [K, N]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_b [N]
 );
