@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.remat = False          # rematerialise each block in the backward pass
   c.model.residuals = 'auto'     # what the backward keeps: all | dots | auto (CPU, GPU: dots)
   c.model.dense_grads = 'auto'   # xla | cpu_kernel | auto (the C++ kernel on a one-device CPU run)
+  c.model.layer_loop = 'auto'    # scan | unrolled | auto (the CPU train step unrolled)
   c.model.time_convention = 'noise_at_1'  # 'noise_at_0' for converted original SiT checkpoints
 
   # What is learned (groupdiff_jax/diffusion/objectives.py): 'flow' (flow matching, noise at

@@ -137,7 +137,8 @@ def loss_fn(trainer: Trainer, params: dict, batch: dict, rng: jax.Array, t_sprea
   model = nnx.merge(trainer.graphdef, params)
   ids = layout_sample_ids(model, layout, k_cond, k_uncond)
   ids = None if ids is None else ids[order]
-  pred = model(noised.x_t, noised.t, y, group_size=trainer.groups, sample_ids=ids)
+  pred = model(noised.x_t, noised.t, y, group_size=trainer.groups, sample_ids=ids,
+               training=True)
   per_image, terms = objective.per_image_loss(pred, noised.target)
   return per_image.mean(), (per_image, terms)
 

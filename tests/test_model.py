@@ -286,3 +286,52 @@ def test_residuals_auto_picks_per_platform_and_names_are_checked():
       param_dtype='float32', remat=False, residuals='some', time_convention='noise_at_1'))
   with pytest.raises(sit.ModelConfigError, match="unknown model.residuals 'some'"):
     sit.config_from(model_cfg)
+
+
+def _output_and_gradient(layer_loop: str, training: bool, **call):
+  model, _ = _tiny(layer_loop=layer_loop)
+  graphdef, params = nnx.split(model)
+  x, t, y = _inputs(8)
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(x, t, y, group_size=4, rng=jax.random.PRNGKey(3),
+                                      training=training, **call)
+    out = out[0] if call.get('return_attention_mass') else out
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape))), out
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss, has_aux=True))(params))
+  return jaxpr, jax.jit(jax.grad(loss, has_aux=True))(params)
+
+
+@pytest.mark.parametrize('call', [{}, {'group_blocks': 1}])
+def test_unrolled_layers_equal_the_scan(call):
+  """model.layer_loop='unrolled' (the CPU train step's 'auto') runs the blocks as a Python loop:
+  the same outputs and gradients as the scan over the stacked layers."""
+  scan_jaxpr, (want_grad, want_out) = _output_and_gradient('scan', True, **call)
+  loop_jaxpr, (got_grad, got_out) = _output_and_gradient('unrolled', False, **call)
+  assert 'scan[' in scan_jaxpr and 'scan[' not in loop_jaxpr
+  np.testing.assert_allclose(got_out, want_out, rtol=1e-5, atol=1e-6)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+  jax.tree.map(close, got_grad, want_grad)
+  model, _ = _tiny(layer_loop='unrolled')
+  x, t, y = _inputs(8)
+  _, mass = model(x, t, y, group_size=4, rng=jax.random.PRNGKey(3), return_attention_mass=True)
+  _, want_mass = _tiny(layer_loop='scan')[0](x, t, y, group_size=4, rng=jax.random.PRNGKey(3),
+                                             return_attention_mass=True)
+  assert mass.shape == (2, 2, 4, 4)  # [depth, groups, M, M], stacked as the scan stacks it
+  np.testing.assert_allclose(mass, want_mass, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_loop_auto_unrolls_only_the_cpu_train_step():
+  cfg = sit.SiTConfig(depth=1, hidden=8, heads=1, patch=2)
+  assert sit.unrolled_layers(cfg, 'cpu', training=True)
+  assert not sit.unrolled_layers(cfg, 'cpu', training=False)  # forwards: compile time only
+  for platform in ('tpu', 'gpu', 'cuda'):
+    assert not sit.unrolled_layers(cfg, platform, training=True)
+  assert sit.unrolled_layers(dataclasses.replace(cfg, layer_loop='unrolled'), 'tpu', False)
+  assert not sit.unrolled_layers(dataclasses.replace(cfg, layer_loop='scan'), 'cpu', True)
+  model_cfg = ml_collections.ConfigDict(dict(
+      name='SiT-S/2', input_size=32, in_channels=4, num_classes=10, learn_sigma=False,
+      max_group_size=4, fixed_sample_ids=False, attention='auto', dtype='float32',
+      param_dtype='float32', remat=False, layer_loop='while', time_convention='noise_at_1'))
+  with pytest.raises(sit.ModelConfigError, match="unknown model.layer_loop 'while'; known: auto"):
+    sit.config_from(model_cfg)
