@@ -280,12 +280,16 @@ def test_residuals_auto_picks_per_platform_and_names_are_checked():
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
   assert sit.sublayer_policy(cfg, 'tpu') is None
   assert sit.sublayer_policy(dataclasses.replace(cfg, residuals='all'), 'cpu') is None
-  model_cfg = ml_collections.ConfigDict(dict(
+  with pytest.raises(sit.ModelConfigError, match="unknown model.residuals 'some'"):
+    sit.config_from(_model_block(residuals='some'))
+
+
+def _model_block(**fields) -> ml_collections.ConfigDict:
+  """A `config.model` block of SiT-S/2 with these fields set."""
+  return ml_collections.ConfigDict(dict(
       name='SiT-S/2', input_size=32, in_channels=4, num_classes=10, learn_sigma=False,
       max_group_size=4, fixed_sample_ids=False, attention='auto', dtype='float32',
-      param_dtype='float32', remat=False, residuals='some', time_convention='noise_at_1'))
-  with pytest.raises(sit.ModelConfigError, match="unknown model.residuals 'some'"):
-    sit.config_from(model_cfg)
+      param_dtype='float32', remat=False, time_convention='noise_at_1', **fields))
 
 
 def _output_and_gradient(layer_loop: str, training: bool, **call):
@@ -329,9 +333,5 @@ def test_layer_loop_auto_unrolls_only_the_cpu_train_step():
     assert not sit.unrolled_layers(cfg, platform, training=True)
   assert sit.unrolled_layers(dataclasses.replace(cfg, layer_loop='unrolled'), 'tpu', False)
   assert not sit.unrolled_layers(dataclasses.replace(cfg, layer_loop='scan'), 'cpu', True)
-  model_cfg = ml_collections.ConfigDict(dict(
-      name='SiT-S/2', input_size=32, in_channels=4, num_classes=10, learn_sigma=False,
-      max_group_size=4, fixed_sample_ids=False, attention='auto', dtype='float32',
-      param_dtype='float32', remat=False, layer_loop='while', time_convention='noise_at_1'))
   with pytest.raises(sit.ModelConfigError, match="unknown model.layer_loop 'while'; known: auto"):
-    sit.config_from(model_cfg)
+    sit.config_from(_model_block(layer_loop='while'))
