@@ -11,7 +11,7 @@ torch.compile column (minutes of compilation on a small CPU); --cases=forward --
 the forwards at the issue's batch. A tiny smoke run:
 
   python -m groupdiff_jax.bench_torch --model=SiT-d2h32n2/2 --input_size=8 --batch=8 --reps=2 \
-      --sample_steps=4
+      --warmup=1 --sample_steps=4
 """
 import os
 
@@ -24,7 +24,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   flags.DEFINE_list('cases', [], 'Case names (substrings) to run; empty: all.')
-  flags.DEFINE_integer('reps', 5, 'Timed interleaved rounds per case (after one warm-up).')
+  flags.DEFINE_integer('reps', 5, 'Timed interleaved rounds per case (after the warm-up).')
+  flags.DEFINE_integer('warmup', 3, 'Untimed calls of each side before the rounds (the first '
+                       'calls fault in fresh memory until the allocator settles).')
   flags.DEFINE_integer('threads', 2, 'torch.set_num_threads; XLA runs its pool of one thread '
                        'per core, so match the core count (2 on the developer machine).')
   flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile (slow to compile on CPU).')
@@ -36,8 +38,8 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  if FLAGS.reps < 1 or FLAGS.threads < 1:
-    raise cli.UserError('--reps and --threads must be >= 1')
+  if FLAGS.reps < 1 or FLAGS.threads < 1 or FLAGS.warmup < 0:
+    raise cli.UserError('--reps and --threads must be >= 1, --warmup >= 0')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # a CPU comparison, whatever else is present
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
@@ -51,9 +53,10 @@ def main(argv: list[str]) -> None:
   base = vs_torch.base_config()
   progress.say(f'jax {jax.__version__} ({jax.default_backend()}) | torch {torch.__version__} | '
                f'torch {FLAGS.threads} threads, XLA one per core | {os.cpu_count()} cores | '
-               f'float32 | {FLAGS.reps} interleaved rounds, medians | load average '
+               f'float32 | {FLAGS.warmup} warm-up calls, {FLAGS.reps} interleaved rounds, '
+               'medians | load average '
                + ' '.join(f'{v:.1f}' for v in os.getloadavg()))
-  rows = vs_torch.run_cases(base, cases, FLAGS.reps, FLAGS.torch_compile)
+  rows = vs_torch.run_cases(base, cases, FLAGS.reps, FLAGS.torch_compile, FLAGS.warmup)
   progress.print_table(rows, '.2f')
   progress.say('load average after: ' + ' '.join(f'{v:.1f}' for v in os.getloadavg()))
 

@@ -71,7 +71,7 @@ def _run(*args):
 
 
 def test_cli_prints_the_table_on_a_tiny_model():
-  proc = _run('--model=SiT-d2h32n2/2', '--input_size=8', '--batch=8', '--reps=1',
+  proc = _run('--model=SiT-d2h32n2/2', '--input_size=8', '--batch=8', '--reps=1', '--warmup=1',
               '--sample_steps=2',  # names before --model:
               '--cases=forward SiT-S/2,SDE,attention fwd+bwd SiT-S/2')
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_cli_prints_the_table_on_a_tiny_model():
   for r in rows:
     eager, jax_rate, ratio = (float(v) for v in r.split(' | ')[1:4])
     assert eager > 0 and jax_rate > 0 and ratio == pytest.approx(jax_rate / eager, rel=0.02)
-  assert 'load average' in out
+  assert 'load average' in out and '1 warm-up calls, 1 interleaved rounds' in out
 
 
 def test_cli_rejects_unknown_cases_in_one_line():
@@ -100,5 +100,5 @@ def test_rounds_alternate_which_side_runs_first():
   from groupdiff_jax.benchmarking import vs_torch  # pylint: disable=import-outside-toplevel
   calls = []
   sides = [vs_torch.Side(name, lambda name=name: calls.append(name), 0.0) for name in 'ab']
-  medians = vs_torch.time_case(sides, reps=3)
-  assert calls == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b'] and len(medians) == 2
+  medians = vs_torch.time_case(sides, reps=3, warmup=2)
+  assert calls == ['a', 'a', 'b', 'b', 'a', 'b', 'b', 'a', 'a', 'b'] and len(medians) == 2

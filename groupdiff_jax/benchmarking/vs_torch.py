@@ -254,14 +254,21 @@ def _layout(base, case: Case):
 
 # --- the interleaved run -------------------------------------------------------------------------
 
-def time_case(sides: list[Side], reps: int) -> list[float]:
-  """Median seconds per call of each side: one warm-up call each, then `reps` rounds in turn.
+def time_case(sides: list[Side], reps: int, warmup: int = 3) -> list[float]:
+  """Median seconds per call of each side: `warmup` untimed calls each, then `reps` rounds in
+  turn.
+
+  Several warm-up calls, not one: both frameworks' first calls fault in fresh memory until the
+  allocator's heap settles around what a step frees and takes. The jax SiT-S/2 train step (1.7
+  GiB of temporaries) faulted in 2 GB of pages in calls 1, 2 and 4 of one run, each such call
+  1-3 s slower, and none after (BENCHMARKS.md, session 7).
 
   The order alternates round by round (A B, B A, ...): whatever one framework leaves behind for
   the next call (its worker threads still spinning, caches filled with its data) falls on each
   side equally often, not always on the side that runs second."""
   for side in sides:
-    side.run()
+    for _ in range(warmup):
+      side.run()
   times = [[] for _ in sides]
   for round_ in range(reps):
     order = list(zip(sides, times))
@@ -272,7 +279,8 @@ def time_case(sides: list[Side], reps: int) -> list[float]:
   return [statistics.median(ts) for ts in times]
 
 
-def run_cases(base, cases: list[Case], reps: int, torch_compile: bool) -> list[dict]:
+def run_cases(base, cases: list[Case], reps: int, torch_compile: bool, warmup: int = 3
+              ) -> list[dict]:
   rows = []
   bar = progress.Progress('vs_torch', total=len(cases), unit='cases', every_s=0.0)
   for case in cases:
@@ -286,7 +294,7 @@ def run_cases(base, cases: list[Case], reps: int, torch_compile: bool) -> list[d
     else:
       jax_side = jax_sample(base, case, settings)
     sides = [jax_side] + torch_sides(base, case, torch_compile, settings)
-    medians = time_case(sides, reps)
+    medians = time_case(sides, reps, warmup)
     rate = {s.name: case.batch / m for s, m in zip(sides, medians)}
     row = {'case': case.name, 'torch eager img/s': rate['torch eager']}
     if torch_compile:  # the sampler has no compiled column
