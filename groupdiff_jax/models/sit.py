@@ -394,8 +394,9 @@ class SiT(nnx.Module):
     c = c.astype(jnp.float32)
 
     graphdef, layers = nnx.split(self.blocks)
-    policy = sublayer_policy(cfg, active_platform())
-    unrolled = unrolled_layers(cfg, active_platform(), training)
+    platform = active_platform()
+    policy = sublayer_policy(cfg, platform)
+    unrolled = unrolled_layers(cfg, platform, training)
 
     def run_blocks(h, layers, size):
       def one_block(h, layer):

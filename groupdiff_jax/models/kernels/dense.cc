@@ -28,10 +28,11 @@ constexpr int64_t kChunkFloats = 131072;  // X's rows per pass are sized to this
 // item's dW strip and X's chunk crowded each other out of L2: 109-146 GFLOP/s against 171-176
 // with blocks of 384 (two Zen 4 cores).
 constexpr int64_t kBlockRows = 384;
+constexpr int64_t kStrip = kVecs * kLanes;  // output columns per micro-kernel tile (64 on AVX-512)
 
 
 // dW [K][N] = X^T dY and db [N], for items [0, strips * blocks) of a ParallelFor: one strip of
-// kVecs * kLanes columns of dW over one block of up to kBlockRows of its rows (db comes with the
+// kStrip columns of dW over one block of up to kBlockRows of its rows (db comes with the
 // first block).
 struct WeightGrad {
   const float *x, *d_y;
@@ -41,7 +42,7 @@ struct WeightGrad {
   WeightGrad(const float* x, const float* d_y, float* d_w, float* d_b, int64_t m, int64_t k,
              int64_t n)
       : x(x), d_y(d_y), d_w(d_w), d_b(d_b), m(m), k(k), n(n) {
-    strips = (n + kVecs * kLanes - 1) / (kVecs * kLanes);
+    strips = (n + kStrip - 1) / kStrip;
     block = std::min<int64_t>(k, kBlockRows);
     // Rows per pass: the block's X chunk (chunk x block floats) ~512 KiB, in L2 beside dY's panel.
     chunk = std::clamp<int64_t>(kChunkFloats / block, 64, 256);
@@ -51,7 +52,7 @@ struct WeightGrad {
   void operator()(int64_t item) const {
     const int64_t strip = item % strips, i0 = item / strips * block;
     const int64_t i1 = std::min<int64_t>(k, i0 + block);
-    const int64_t j0 = strip * kVecs * kLanes;
+    const int64_t j0 = strip * kStrip;
     const int vecs = static_cast<int>(std::min<int64_t>(kVecs, (n - j0) / kLanes));
     Vec bias[kVecs] = {};
     for (int64_t m0 = 0; m0 < m; m0 += chunk) {
@@ -74,8 +75,8 @@ struct WeightGrad {
 };
 
 // dX [M][K] = dY [M][N] W^T, for items [0, ceil(M / kDxRows)) of a ParallelFor, after Pack has
-// copied W into `panels` panels of kVecs * kLanes of its rows, transposed (panel p holds
-// W[p*64 + c][j] at [j][c]).
+// copied W into `panels` panels of kStrip of its rows, transposed (panel p holds
+// W[p * kStrip + c][j] at [j][c]).
 constexpr int64_t kDxRows = 96;
 constexpr int64_t kDxDepth = 384;
 
@@ -86,30 +87,28 @@ struct InputGrad {
 
   int64_t items() const { return (m + kDxRows - 1) / kDxRows; }
 
-  void Pack(int64_t panel) const {  // W[p*64 .. +64][0..n) -> packed[p][j][c]
-    constexpr int64_t kWide = kVecs * kLanes;
-    const int64_t c0 = panel * kWide, cols = std::min<int64_t>(kWide, k - c0);
-    float* out = packed + panel * n * kWide;
-    for (int64_t j0 = 0; j0 < n; j0 += 16)
+  void Pack(int64_t panel) const {  // W[c0 .. c0 + kStrip)[0 .. n) -> packed[panel][j][c]
+    const int64_t c0 = panel * kStrip, cols = std::min<int64_t>(kStrip, k - c0);
+    float* out = packed + panel * n * kStrip;
+    for (int64_t j0 = 0; j0 < n; j0 += kLanes)
       for (int64_t c = 0; c < cols; ++c)
-        for (int64_t j = j0; j < std::min<int64_t>(n, j0 + 16); ++j)
-          out[j * kWide + c] = w[(c0 + c) * n + j];
+        for (int64_t j = j0; j < std::min<int64_t>(n, j0 + kLanes); ++j)
+          out[j * kStrip + c] = w[(c0 + c) * n + j];
   }
 
   void operator()(int64_t item) const {
-    constexpr int64_t kWide = kVecs * kLanes;
     const int64_t r0 = item * kDxRows, r1 = std::min<int64_t>(m, r0 + kDxRows);
     for (int64_t d0 = 0; d0 < n; d0 += kDxDepth) {
       const int64_t depth = std::min<int64_t>(kDxDepth, n - d0);
       const auto& kernels = d0 ? kAdd : kSet;
       for (int64_t p = 0; p < panels; ++p) {
-        const int64_t c0 = p * kWide;
+        const int64_t c0 = p * kStrip;
         const int vecs = static_cast<int>(std::min<int64_t>(kVecs, (k - c0) / kLanes));
         if (vecs == 0) break;  // only the last few columns are left: Tail's
-        const float* b = packed + p * n * kWide + d0 * kWide;
+        const float* b = packed + p * n * kStrip + d0 * kStrip;
         for (int64_t i = r0; i < r1; i += kRows) {
           const int tile = static_cast<int>(std::min<int64_t>(kRows, r1 - i));
-          kernels[(tile - 1) * kVecs + (vecs - 1)](depth, d_y + i * n + d0, n, 1, b, kWide,
+          kernels[(tile - 1) * kVecs + (vecs - 1)](depth, d_y + i * n + d0, n, 1, b, kStrip,
                                                    d_x + i * k + c0, k);
         }
       }
@@ -148,12 +147,11 @@ ffi::Error DenseBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::fill(bp, bp + n, 0.0f);
     return ffi::Error::Success();
   }
-  constexpr int64_t kWide = kVecs * kLanes;
-  const int64_t panels = (k + kWide - 1) / kWide;
-  thread_local std::vector<float> packed;  // the calling thread's; kept between calls
-  if (packed.size() < static_cast<size_t>(panels * n * kWide)) packed.resize(panels * n * kWide);
-  InputGrad input{d_y.typed_data(), w.typed_data(), packed.data(), d_x->typed_data(),
-                  m, k, n, panels};
+  const int64_t panels = (k + kStrip - 1) / kStrip;
+  // The calling thread's scratch, read by the pool's threads during this call; none of this
+  // call's items take scratch of their own.
+  float* packed = Scratch(panels * n * kStrip);
+  InputGrad input{d_y.typed_data(), w.typed_data(), packed, d_x->typed_data(), m, k, n, panels};
   ParallelFor(pool, panels, [&](int64_t p) { input.Pack(p); });
   ParallelFor(pool, input.items(), input);  // dX first: the rest of the backward pass waits on it
   WeightGrad grad(x.typed_data(), d_y.typed_data(), wp, bp, m, k, n);
